@@ -1,0 +1,156 @@
+"""Clinical records: care teams, patients, lesions and the images of each lesion over time."""
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from .vocabulary import (
+    ANATOMIC_SITE_CHOICES,
+    DIAGNOSIS_CHOICES,
+    FITZPATRICK_CHOICES,
+    anatomic_region,
+    is_melanoma_diagnosis,
+)
+
+
+class CareTeam(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="care_teams", blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+
+class PatientQuerySet(models.QuerySet):
+    def visible_to(self, user):
+        """THE visibility rule: every page, endpoint, nested route and media view goes through it.
+
+        Staff see all patients; an active clinician sees the patients of the care teams they are a
+        member of; anybody else sees none.
+        """
+        if user is None or not user.is_authenticated or not user.is_active:
+            return self.none()
+        if user.is_staff:
+            return self.all()
+        return self.filter(care_team__members=user).distinct()
+
+
+class Patient(models.Model):
+    class Sex(models.TextChoices):
+        FEMALE = "female", "Female"
+        MALE = "male", "Male"
+        OTHER = "other", "Other"
+        UNKNOWN = "unknown", "Unknown"
+
+    mrn = models.CharField("medical record number", max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    birth_date = models.DateField()
+    sex = models.CharField(max_length=10, choices=Sex.choices, default=Sex.UNKNOWN)
+    fitzpatrick_skin_type = models.CharField(max_length=3, choices=FITZPATRICK_CHOICES, blank=True)
+    care_team = models.ForeignKey(CareTeam, on_delete=models.PROTECT, related_name="patients")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    # Last time anything was added or changed for this patient (worklist ordering).
+    last_activity_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    objects = PatientQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-last_activity_at"]
+
+    def __str__(self):
+        return f"{self.name} ({self.mrn})"
+
+    def age_on(self, day) -> int:
+        b = self.birth_date
+        return day.year - b.year - ((day.month, day.day) < (b.month, b.day))
+
+
+class Lesion(models.Model):
+    patient = models.ForeignKey(Patient, on_delete=models.CASCADE, related_name="lesions")
+    label = models.CharField(max_length=100, help_text="Short name, e.g. 'L1 left shoulder'.")
+    anatomic_site = models.CharField(max_length=100, choices=ANATOMIC_SITE_CHOICES, blank=True)
+    # Optional position on a body map, as fractions of the map's width and height (0..1).
+    body_map_x = models.FloatField(null=True, blank=True)
+    body_map_y = models.FloatField(null=True, blank=True)
+    notes = models.TextField(blank=True)
+    diagnosis = models.CharField(
+        "final diagnosis", max_length=255, choices=DIAGNOSIS_CHOICES, blank=True,
+        help_text="Histopathology or final clinical diagnosis, when known.",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["anatomic_site", "label", "id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(body_map_x__isnull=True) | (Q(body_map_x__gte=0) & Q(body_map_x__lte=1)))
+                & (Q(body_map_y__isnull=True) | (Q(body_map_y__gte=0) & Q(body_map_y__lte=1))),
+                name="lesion_body_map_in_unit_square",
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.label} ({self.patient.mrn})"
+
+    @property
+    def anatomic_region(self) -> str:
+        return anatomic_region(self.anatomic_site)
+
+    @property
+    def is_melanoma(self) -> bool | None:
+        return is_melanoma_diagnosis(self.diagnosis) if self.diagnosis else None
+
+
+def _image_path(instance, filename):
+    # The stored name is generated; the client's file name is never used.
+    return f"images/{uuid.uuid4().hex}.{filename.rsplit('.', 1)[-1]}"
+
+
+def _thumbnail_path(instance, filename):
+    return f"thumbnails/{uuid.uuid4().hex}.jpg"
+
+
+class LesionImage(models.Model):
+    class ImageType(models.TextChoices):
+        DERMOSCOPIC = "dermoscopic", "Dermoscopic"
+        CLINICAL_CLOSE_UP = "clinical_close_up", "Clinical close-up"
+        OVERVIEW = "overview", "Clinical overview"
+
+    lesion = models.ForeignKey(Lesion, on_delete=models.CASCADE, related_name="images")
+    file = models.FileField(upload_to=_image_path, max_length=255)
+    thumbnail = models.FileField(upload_to=_thumbnail_path, max_length=255)
+    sha256 = models.CharField(max_length=64, help_text="SHA-256 of the stored (re-encoded) bytes.")
+    upload_sha256 = models.CharField(
+        max_length=64, help_text="SHA-256 of the bytes as uploaded (same bytes twice = same image)."
+    )
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    size_bytes = models.PositiveIntegerField(help_text="Size of the stored file.")
+    format = models.CharField(max_length=10, help_text="Stored format (JPEG or PNG).")
+    original_format = models.CharField(max_length=10, help_text="Format the upload was decoded as.")
+    image_type = models.CharField(max_length=20, choices=ImageType.choices, default=ImageType.DERMOSCOPIC)
+    acquired_on = models.DateField("acquisition date")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="uploaded_images"
+    )
+    uploaded_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["acquired_on", "uploaded_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["lesion", "upload_sha256"], name="unique_image_bytes_per_lesion")
+        ]
+
+    def __str__(self):
+        return f"Image {self.pk} of {self.lesion}"
+
+    @property
+    def patient(self):
+        return self.lesion.patient

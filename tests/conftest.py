@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+from tests.factories import CareTeamFactory, PatientFactory, StaffFactory, UserFactory
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _private_media(settings, tmp_path):
+    """Every test writes media and models into its own temporary folder."""
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.MODEL_ROOT = tmp_path / "models"
+
+
+@pytest.fixture
+def clinician(db):
+    return UserFactory(username="dr_on_team")
+
+
+@pytest.fixture
+def other_clinician(db):
+    return UserFactory(username="dr_off_team")
+
+
+@pytest.fixture
+def staff(db):
+    return StaffFactory(username="admin_user")
+
+
+@pytest.fixture
+def care_team(clinician):
+    return CareTeamFactory(members=[clinician])
+
+
+@pytest.fixture
+def other_team(other_clinician):
+    return CareTeamFactory(members=[other_clinician])
+
+
+@pytest.fixture
+def patient(care_team):
+    return PatientFactory(care_team=care_team)
