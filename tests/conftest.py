@@ -12,6 +12,11 @@ def _private_media(settings, tmp_path):
     """Every test writes media and models into its own temporary folder."""
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.MODEL_ROOT = tmp_path / "models"
+    # Tests do not run collectstatic: serve static files without the hashed manifest.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 @pytest.fixture
