@@ -111,6 +111,7 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STATIC_ROOT = Path(env("STATIC_ROOT", default=str(VAR_DIR / "staticfiles")))
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 
 # Media is private: never under STATIC, never served by a URL pattern of its own. Images are
 # streamed by views that check the user may see the patient.
@@ -166,6 +167,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # The schema and the interactive docs are for logged-in users and API clients only.
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
 }
 
 # Audit trail (django-auditlog): create/update/delete of registered models, plus access events.
@@ -180,7 +183,7 @@ if REDIS_URL:
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 else:
     _broker = VAR_DIR / "broker"
-    for _sub in ("out", "processed"):
+    for _sub in ("out", "processed", "control"):
         (_broker / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -188,6 +191,7 @@ else:
         "data_folder_out": str(_broker / "out"),
         "processed_folder": str(_broker / "processed"),
         "store_processed": False,
+        "control_folder": str(_broker / "control"),
     }
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="melanoma")
 CELERY_RESULT_BACKEND = None
@@ -204,6 +208,11 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=300)
 ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
 ANALYSIS_BATCH_SIZE = env.int("ANALYSIS_BATCH_SIZE", default=8)
+ANALYSIS_SOFT_TIME_LIMIT = env.int("ANALYSIS_SOFT_TIME_LIMIT", default=300)
+ANALYSIS_TIME_LIMIT = env.int("ANALYSIS_TIME_LIMIT", default=360)
+# bf16 inference is used only where it stays this close to fp32 on a probe batch.
+ANALYSIS_BF16_TOLERANCE = env.float("ANALYSIS_BF16_TOLERANCE", default=0.01)
+# Threads torch uses in a worker process: env WORKER_THREADS (default: the CPUs given to it).
 CELERY_BEAT_SCHEDULE = {
     "sweep-stale-analyses": {
         "task": "inference.tasks.sweep_analyses",

@@ -1,8 +1,9 @@
 """Clinical records: care teams, patients, lesions and the images of each lesion over time."""
+import logging
 import uuid
 
 from django.conf import settings
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 
 from .vocabulary import (
@@ -154,3 +155,23 @@ class LesionImage(models.Model):
     @property
     def patient(self):
         return self.lesion.patient
+
+
+def _remove_stored_files(sender, instance, **kwargs):
+    """When an image row is deleted (service, admin, cascade), its files go once the deletion commits."""
+    names = [f.name for f in (instance.file, instance.thumbnail) if f and f.name]
+    storage = instance.file.storage
+
+    def remove():
+        for name in names:
+            try:
+                storage.delete(name)
+            except OSError:  # logged; never undoes or hides the committed deletion
+                logging.getLogger(__name__).exception("could not remove %s", name)
+
+    transaction.on_commit(remove)
+
+
+models.signals.post_delete.connect(
+    _remove_stored_files, sender=LesionImage, dispatch_uid="patients.remove_stored_image_files"
+)

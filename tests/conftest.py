@@ -8,8 +8,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 @pytest.fixture(autouse=True)
-def _private_media(settings, tmp_path):
-    """Every test writes media and models into its own temporary folder."""
+def _test_settings(settings, tmp_path):
+    """Every test writes media and models into its own temporary folder, and hashes fast."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.MODEL_ROOT = tmp_path / "models"
     # Tests do not run collectstatic: serve static files without the hashed manifest.

@@ -1,4 +1,17 @@
+from django.urls import path
 from rest_framework.routers import DefaultRouter
 
+from .views import LesionImagesView, LesionImageViewSet, LesionViewSet, PatientLesionsView, PatientViewSet
+
+app_name = "api"
+
 router = DefaultRouter()
-urlpatterns = router.urls
+router.register("patients", PatientViewSet, basename="patient")
+router.register("lesions", LesionViewSet, basename="lesion")
+router.register("images", LesionImageViewSet, basename="image")
+
+urlpatterns = [
+    path("patients/<int:patient_pk>/lesions/", PatientLesionsView.as_view(), name="patient-lesions"),
+    path("lesions/<int:lesion_pk>/images/", LesionImagesView.as_view(), name="lesion-images"),
+    *router.urls,
+]

@@ -1,0 +1,194 @@
+"""Django admin for care teams, patients, lesions and images.
+
+Image files are read-only here: the admin cannot add or replace an image file, because every upload
+must pass the one validation path (patients.uploads via services.upload_images). Admins upload on
+the lesion page (staff see every patient); the admin links there. Image metadata (type, date) can be
+corrected and images deleted (the stored files go with the row). Thumbnails are shown through the
+protected media view, never a public URL. Audit log entries are listed by django-auditlog's own admin.
+"""
+from django.contrib import admin
+from django.db.models import Count
+from django.urls import NoReverseMatch, reverse
+from django.utils import timezone
+from django.utils.html import format_html
+
+from .models import CareTeam, Lesion, LesionImage, Patient
+from .uploads import human_size
+
+IMAGE_READONLY = ["preview", "lesion", "sha256", "upload_sha256", "width", "height", "dimensions", "size",
+                  "size_bytes", "format", "original_format", "uploaded_by", "uploaded_at"]
+
+
+def _thumbnail_tag(image, size=96):
+    if not image or not image.pk or not image.thumbnail:
+        return "—"
+    try:
+        url = reverse("patients:image_thumbnail", args=[image.pk])
+    except NoReverseMatch:
+        return "—"
+    return format_html('<img src="{}" alt="Thumbnail of image {}" loading="lazy" '
+                       'style="max-width:{}px;max-height:{}px;border-radius:4px">', url, image.pk, size, size)
+
+
+def _lesion_page_link(lesion):
+    try:
+        url = reverse("patients:lesion_detail", args=[lesion.pk])
+    except NoReverseMatch:
+        return "the lesion page"
+    return format_html('<a href="{}">the lesion page</a>', url)
+
+
+class VisibleRecordsMixin:
+    """Admin lists go through the same visibility rule (staff see every patient, so: all records)."""
+
+    patient_lookup = None  # path from the model to its patient, e.g. "lesion__patient"
+
+    def get_queryset(self, request):
+        qs = super().get_queryset(request)
+        visible = Patient.objects.visible_to(request.user)
+        if self.patient_lookup is None:
+            return qs.filter(pk__in=visible.values("pk"))
+        return qs.filter(**{f"{self.patient_lookup}__in": visible.values("pk")})
+
+
+@admin.register(CareTeam)
+class CareTeamAdmin(admin.ModelAdmin):
+    list_display = ["name", "member_count", "patient_count", "created_at"]
+    search_fields = ["name", "members__username", "members__last_name"]
+    filter_horizontal = ["members"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            _members=Count("members", distinct=True), _patients=Count("patients", distinct=True))
+
+    @admin.display(description="members", ordering="_members")
+    def member_count(self, obj):
+        return obj._members
+
+    @admin.display(description="patients", ordering="_patients")
+    def patient_count(self, obj):
+        return obj._patients
+
+
+class LesionInline(admin.TabularInline):
+    model = Lesion
+    extra = 0
+    fields = ["label", "anatomic_site", "diagnosis", "image_count"]
+    readonly_fields = ["image_count"]
+    show_change_link = True
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_images=Count("images"))
+
+    @admin.display(description="images")
+    def image_count(self, obj):
+        return getattr(obj, "_images", None) if obj.pk else "—"
+
+
+@admin.register(Patient)
+class PatientAdmin(VisibleRecordsMixin, admin.ModelAdmin):
+    list_display = ["mrn", "name", "birth_date", "sex", "fitzpatrick_skin_type", "care_team", "last_activity_at"]
+    list_filter = ["sex", "care_team", "fitzpatrick_skin_type"]
+    search_fields = ["mrn", "name"]
+    list_select_related = ["care_team"]
+    readonly_fields = ["created_at", "updated_at", "last_activity_at"]
+    date_hierarchy = "last_activity_at"
+    inlines = [LesionInline]
+
+    def save_model(self, request, obj, form, change):
+        obj.last_activity_at = timezone.now()
+        super().save_model(request, obj, form, change)
+
+
+class LesionImageInline(admin.TabularInline):
+    model = LesionImage
+    extra = 0
+    fields = ["preview", "image_type", "acquired_on", "dimensions", "size", "format", "sha256", "uploaded_by",
+              "uploaded_at"]
+    readonly_fields = ["preview", "dimensions", "size", "format", "sha256", "uploaded_by", "uploaded_at"]
+    show_change_link = True
+    ordering = ["acquired_on", "uploaded_at", "id"]
+
+    def has_add_permission(self, request, obj=None):
+        return False  # uploads go through the validated upload path on the lesion page
+
+    @admin.display(description="preview")
+    def preview(self, obj):
+        return _thumbnail_tag(obj)
+
+    @admin.display(description="dimensions")
+    def dimensions(self, obj):
+        return f"{obj.width} × {obj.height}"
+
+    @admin.display(description="size")
+    def size(self, obj):
+        return human_size(obj.size_bytes)
+
+
+@admin.register(Lesion)
+class LesionAdmin(VisibleRecordsMixin, admin.ModelAdmin):
+    patient_lookup = "patient"
+    list_display = ["label", "patient", "anatomic_site", "diagnosis", "image_count", "updated_at"]
+    list_filter = ["anatomic_site", "diagnosis"]
+    search_fields = ["label", "notes", "patient__mrn", "patient__name"]
+    list_select_related = ["patient"]
+    autocomplete_fields = ["patient"]
+    readonly_fields = ["upload_hint", "created_at", "updated_at"]
+    inlines = [LesionImageInline]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_images=Count("images"))
+
+    @admin.display(description="images", ordering="_images")
+    def image_count(self, obj):
+        return obj._images
+
+    @admin.display(description="uploading images")
+    def upload_hint(self, obj):
+        if not obj or not obj.pk:
+            return "Save the lesion first; then upload its images on the lesion page."
+        return format_html("Images are uploaded (and validated) on {}.", _lesion_page_link(obj))
+
+
+@admin.register(LesionImage)
+class LesionImageAdmin(VisibleRecordsMixin, admin.ModelAdmin):
+    patient_lookup = "lesion__patient"
+    list_display = ["id", "preview_small", "lesion", "patient", "image_type", "acquired_on", "format", "dimensions",
+                    "size", "uploaded_by", "uploaded_at"]
+    list_filter = ["image_type", "acquired_on", "format"]
+    search_fields = ["sha256", "upload_sha256", "lesion__label", "lesion__patient__mrn", "lesion__patient__name"]
+    list_select_related = ["lesion__patient", "uploaded_by"]
+    date_hierarchy = "acquired_on"
+    fields = ["preview", "lesion", "image_type", "acquired_on", "dimensions", "size", "size_bytes", "format",
+              "original_format", "sha256", "upload_sha256", "uploaded_by", "uploaded_at", "upload_hint"]
+    readonly_fields = [*IMAGE_READONLY, "upload_hint"]
+
+    def has_add_permission(self, request):
+        return False  # uploads go through the validated upload path on the lesion page
+
+    @admin.display(description="preview")
+    def preview(self, obj):
+        return _thumbnail_tag(obj, size=256)
+
+    @admin.display(description="preview")
+    def preview_small(self, obj):
+        return _thumbnail_tag(obj, size=48)
+
+    @admin.display(description="patient", ordering="lesion__patient__mrn")
+    def patient(self, obj):
+        return obj.lesion.patient
+
+    @admin.display(description="dimensions")
+    def dimensions(self, obj):
+        return f"{obj.width} × {obj.height}"
+
+    @admin.display(description="size", ordering="size_bytes")
+    def size(self, obj):
+        return human_size(obj.size_bytes)
+
+    @admin.display(description="uploading images")
+    def upload_hint(self, obj):
+        if not obj or not obj.pk:
+            return ""
+        return format_html("The file cannot be changed here. Upload new images on {}.",
+                           _lesion_page_link(obj.lesion))

@@ -1,0 +1,48 @@
+import django_filters
+from django import forms
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
+
+from ..models import Lesion, LesionImage, Patient
+from ..vocabulary import ANATOMIC_SITE_CHOICES
+
+
+# Related ids are plain numbers, not model choices: an id the user cannot see must look exactly like
+# one that does not exist (an empty result), never like a "valid choice".
+
+
+@extend_schema_field(OpenApiTypes.INT)
+class IdFilter(django_filters.NumberFilter):
+    field_class = forms.IntegerField
+
+
+class PatientFilter(django_filters.FilterSet):
+    care_team = IdFilter(field_name="care_team_id", label="Care team id")
+
+    class Meta:
+        model = Patient
+        fields = ["care_team", "sex", "fitzpatrick_skin_type"]
+
+
+class LesionFilter(django_filters.FilterSet):
+    patient = IdFilter(field_name="patient_id", label="Patient id")
+    anatomic_site = django_filters.ChoiceFilter(choices=ANATOMIC_SITE_CHOICES)
+    anatomic_region = django_filters.CharFilter(
+        field_name="anatomic_site", lookup_expr="startswith", label="Top level of the anatomic site, e.g. Trunk"
+    )
+
+    class Meta:
+        model = Lesion
+        fields = ["patient", "anatomic_site", "anatomic_region", "diagnosis"]
+
+
+class LesionImageFilter(django_filters.FilterSet):
+    lesion = IdFilter(field_name="lesion_id", label="Lesion id")
+    patient = IdFilter(field_name="lesion__patient_id", label="Patient id")
+    acquired_on = django_filters.DateFromToRangeFilter(
+        label="Acquisition date range: acquired_on_after / acquired_on_before (inclusive)"
+    )
+
+    class Meta:
+        model = LesionImage
+        fields = ["lesion", "patient", "image_type", "acquired_on"]

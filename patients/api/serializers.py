@@ -1,0 +1,197 @@
+"""API representations. Writes are validated here for shape only; the services decide and store."""
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from ..models import CareTeam, Lesion, LesionImage, Patient
+from ..selectors import visible_lesions, visible_patients
+from ..vocabulary import ANATOMIC_SITE_CHOICES, DIAGNOSIS_CHOICES, FITZPATRICK_CHOICES
+
+
+def _user(serializer):
+    request = serializer.context.get("request")
+    return getattr(request, "user", None)
+
+
+@extend_schema_field(serializers.IntegerField(allow_null=True))
+class VisibleCareTeamField(serializers.PrimaryKeyRelatedField):
+    """A care team the user may assign patients to: a team they are on (staff: any team)."""
+
+    def get_queryset(self):
+        user = _user(self)
+        if user is None or not user.is_authenticated:
+            return CareTeam.objects.none()
+        return CareTeam.objects.all() if user.is_staff else CareTeam.objects.filter(members=user)
+
+
+@extend_schema_field(serializers.IntegerField())
+class VisiblePatientField(serializers.PrimaryKeyRelatedField):
+    """A patient visible to the user; any other id reads as "does not exist" (never leaks)."""
+
+    def get_queryset(self):
+        return visible_patients(_user(self))
+
+
+@extend_schema_field(serializers.IntegerField())
+class VisibleLesionField(serializers.PrimaryKeyRelatedField):
+    def get_queryset(self):
+        return visible_lesions(_user(self))
+
+
+class CareTeamSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = CareTeam
+        fields = ["id", "name"]
+        read_only_fields = fields
+
+
+class PatientSerializer(serializers.ModelSerializer):
+    care_team = VisibleCareTeamField(
+        required=False, allow_null=True,
+        help_text="Care team id. Defaults to the user's only care team; clinicians may only choose a "
+                  "team they are a member of.",
+    )
+    care_team_name = serializers.CharField(source="care_team.name", read_only=True)
+    sex = serializers.ChoiceField(choices=Patient.Sex.choices, required=False)
+    fitzpatrick_skin_type = serializers.ChoiceField(choices=FITZPATRICK_CHOICES, required=False, allow_blank=True)
+    lesions_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Patient
+        fields = [
+            "id", "mrn", "name", "birth_date", "sex", "fitzpatrick_skin_type", "care_team", "care_team_name",
+            "created_at", "updated_at", "last_activity_at", "lesions_url",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at", "last_activity_at"]
+        extra_kwargs = {"mrn": {"validators": []}}  # uniqueness is the service's field error
+
+    @extend_schema_field(serializers.URLField())
+    def get_lesions_url(self, obj) -> str:
+        return _absolute(self, reverse("api:patient-lesions", args=[obj.pk]))
+
+
+class LesionSerializer(serializers.ModelSerializer):
+    patient = VisiblePatientField(help_text="Patient id (a patient you can see).")
+    anatomic_site = serializers.ChoiceField(choices=ANATOMIC_SITE_CHOICES, required=False, allow_blank=True)
+    diagnosis = serializers.ChoiceField(choices=DIAGNOSIS_CHOICES, required=False, allow_blank=True)
+    body_map_x = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    body_map_y = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    anatomic_region = serializers.CharField(read_only=True)
+    is_melanoma = serializers.BooleanField(read_only=True, allow_null=True)
+    image_count = serializers.SerializerMethodField()
+    images_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Lesion
+        fields = [
+            "id", "patient", "label", "anatomic_site", "anatomic_region", "body_map_x", "body_map_y", "notes",
+            "diagnosis", "is_melanoma", "image_count", "images_url", "created_at", "updated_at",
+        ]
+        read_only_fields = ["id", "created_at", "updated_at"]
+
+    def get_fields(self):
+        fields = super().get_fields()
+        if self.instance is not None and not isinstance(self.instance, (list, tuple)) and hasattr(self.instance, "pk"):
+            fields["patient"].read_only = True  # a lesion never moves to another patient
+        return fields
+
+    def validate(self, attrs):
+        instance = self.instance if isinstance(self.instance, Lesion) else None
+        raw = getattr(self, "initial_data", {}).get("patient") if instance is not None else None
+        if raw not in (None, "") and str(raw) != str(instance.patient_id):
+            raise serializers.ValidationError({"patient": ["A lesion cannot be moved to another patient."]})
+        return attrs
+
+    @extend_schema_field(serializers.IntegerField())
+    def get_image_count(self, obj) -> int:
+        count = getattr(obj, "image_count", None)
+        return count if count is not None else obj.images.count()
+
+    @extend_schema_field(serializers.URLField())
+    def get_images_url(self, obj) -> str:
+        return _absolute(self, reverse("api:lesion-images", args=[obj.pk]))
+
+
+class NestedLesionSerializer(LesionSerializer):
+    """A lesion created under ``patients/{id}/lesions/``: the patient comes from the URL."""
+
+    patient = serializers.PrimaryKeyRelatedField(read_only=True)
+
+
+def _absolute(serializer, path: str) -> str:
+    request = serializer.context.get("request")
+    return request.build_absolute_uri(path) if request is not None else path
+
+
+class LesionImageSerializer(serializers.ModelSerializer):
+    patient = serializers.IntegerField(source="lesion.patient_id", read_only=True)
+    uploaded_by = serializers.CharField(source="uploaded_by.username", read_only=True, allow_null=True,
+                                        default=None)
+    file_url = serializers.SerializerMethodField()
+    thumbnail_url = serializers.SerializerMethodField()
+    analyses_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = LesionImage
+        fields = [
+            "id", "lesion", "patient", "sha256", "upload_sha256", "width", "height", "size_bytes", "format",
+            "original_format", "image_type", "acquired_on", "uploaded_by", "uploaded_at", "file_url",
+            "thumbnail_url", "analyses_url",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.URLField())
+    def get_file_url(self, obj) -> str:
+        return _absolute(self, reverse("api:image-file", args=[obj.pk]))
+
+    @extend_schema_field(serializers.URLField())
+    def get_thumbnail_url(self, obj) -> str:
+        return _absolute(self, reverse("api:image-thumbnail", args=[obj.pk]))
+
+    @extend_schema_field(serializers.URLField())
+    def get_analyses_url(self, obj) -> str:
+        # The route belongs to the inference app; only the address is built here.
+        return _absolute(self, f"/api/v1/images/{obj.pk}/analyses/")
+
+
+class UploadedImageSerializer(LesionImageSerializer):
+    created = serializers.SerializerMethodField(help_text="False when the same bytes were already stored "
+                                                          "for this lesion (that image is returned).")
+
+    class Meta(LesionImageSerializer.Meta):
+        fields = [*LesionImageSerializer.Meta.fields, "created"]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_created(self, obj) -> bool:
+        return bool(self.context.get("created", False))
+
+
+class ImageUploadSerializer(serializers.Serializer):
+    """multipart/form-data: one or several ``files`` (or one ``file``), image type and acquisition date."""
+
+    lesion = VisibleLesionField(help_text="Lesion id (a lesion you can see).")
+    files = serializers.ListField(
+        child=serializers.FileField(allow_empty_file=True, use_url=False), required=False,
+        help_text="One or several image files (JPEG, PNG, TIFF or BMP).",
+    )
+    file = serializers.FileField(allow_empty_file=True, use_url=False, required=False,
+                                 help_text="A single image file (alternative to `files`).")
+    image_type = serializers.ChoiceField(choices=LesionImage.ImageType.choices)
+    acquired_on = serializers.DateField(help_text="Acquisition date (YYYY-MM-DD).")
+
+    def validate(self, attrs):
+        files = list(attrs.pop("files", None) or [])
+        if attrs.get("file") is not None:
+            files.append(attrs.pop("file"))
+        attrs.pop("file", None)
+        if not files:
+            raise serializers.ValidationError({"files": ["Choose at least one image file."]})
+        attrs["files"] = files
+        return attrs
+
+
+class NestedImageUploadSerializer(ImageUploadSerializer):
+    """Upload under ``lesions/{id}/images/``: the lesion comes from the URL."""
+
+    lesion = None
