@@ -35,7 +35,26 @@ class ModelVersion(models.Model):
 
     @property
     def roc_auc(self):
-        return self.metrics.get("roc_auc")
+        value = (self.metrics or {}).get("roc_auc")
+        if isinstance(value, dict):
+            value = next((value[k] for k in ("value", "estimate", "mean", "point") if k in value), None)
+        return value
+
+    @property
+    def roc_auc_ci(self) -> tuple[float, float] | None:
+        """The 95% interval of the ROC-AUC when the card has one (several spellings accepted)."""
+        m = self.metrics or {}
+        candidates = [m.get("roc_auc_ci"), m.get("roc_auc_ci95")]
+        if isinstance(m.get("roc_auc"), dict):
+            d = m["roc_auc"]
+            candidates += [d.get("ci"), d.get("ci95"), (d.get("low", d.get("ci_low")), d.get("high", d.get("ci_high")))]
+        candidates.append((m.get("roc_auc_low", m.get("roc_auc_ci_low")), m.get("roc_auc_high", m.get("roc_auc_ci_high"))))
+        for c in candidates:
+            if isinstance(c, dict):
+                c = (c.get("low"), c.get("high"))
+            if isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(v, (int, float)) for v in c):
+                return float(c[0]), float(c[1])
+        return None
 
 
 class Analysis(models.Model):
@@ -57,10 +76,14 @@ class Analysis(models.Model):
     )
     final_score_source = models.CharField(max_length=20, blank=True, help_text="'context' or 'image'.")
     error = models.TextField(blank=True)
+    # Set by the conditional UPDATE that claims the row; results are written only under the claim.
+    claim_token = models.CharField(max_length=32, blank=True, editable=False)
     attempts = models.PositiveSmallIntegerField(default=0)
     timings = models.JSONField(default=dict, blank=True)
     worker = models.CharField(max_length=200, blank=True)
     queued_at = models.DateTimeField(auto_now_add=True)
+    # Last time a task message was sent for this row (the sweeper re-sends when it is old).
+    enqueued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     context_updated_at = models.DateTimeField(null=True, blank=True)
@@ -68,12 +91,22 @@ class Analysis(models.Model):
     class Meta:
         ordering = ["-queued_at"]
         verbose_name_plural = "analyses"
+        indexes = [models.Index(fields=["model_version", "status"], name="analysis_version_status")]
         constraints = [
             models.UniqueConstraint(fields=["image", "model_version"], name="one_analysis_per_image_and_version")
         ]
 
     def __str__(self):
         return f"{self.model_version} on image {self.image_id}: {self.status}"
+
+    @property
+    def embedding_dim(self) -> int | None:
+        return None if self.embedding is None else len(self.embedding) // 4
+
+    @property
+    def display_score(self) -> float | None:
+        """What pages show first: the context-adjusted score when there is one, else the image probability."""
+        return self.final_score if self.final_score is not None else self.probability
 
     def get_embedding(self) -> np.ndarray | None:
         if self.embedding is None:

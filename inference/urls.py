@@ -1,4 +1,8 @@
 from django.urls import path
 
+from . import views
+
 app_name = "inference"
-urlpatterns: list = []
+urlpatterns = [
+    path("images/<int:pk>/result/", views.image_result, name="image_result"),
+]

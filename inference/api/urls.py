@@ -1,4 +1,12 @@
-from rest_framework.routers import DefaultRouter
+from django.urls import path
+from rest_framework.routers import SimpleRouter
 
-router = DefaultRouter()
-urlpatterns = router.urls
+from .views import AnalysisViewSet, ImageAnalysesView, ModelVersionViewSet
+
+router = SimpleRouter()
+router.register("analyses", AnalysisViewSet, basename="analysis")
+router.register("model-versions", ModelVersionViewSet, basename="modelversion")
+urlpatterns = [
+    path("images/<int:image_pk>/analyses/", ImageAnalysesView.as_view(), name="image-analyses"),
+    *router.urls,
+]

@@ -1,0 +1,47 @@
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from ..models import Analysis, ModelVersion
+
+
+class ModelVersionSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ModelVersion
+        fields = ["id", "name", "architecture", "input_size", "metrics", "threshold", "validated"]
+        read_only_fields = fields
+
+
+class ModelVersionSerializer(serializers.ModelSerializer):
+    roc_auc = serializers.SerializerMethodField()
+    has_context_model = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ModelVersion
+        fields = ["id", "name", "architecture", "input_size", "sha256", "metrics", "roc_auc", "threshold",
+                  "validated", "is_active", "has_context_model", "card", "installed_at"]
+        read_only_fields = fields
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_roc_auc(self, obj):
+        value = obj.roc_auc
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_has_context_model(self, obj) -> bool:
+        return bool(obj.context_model)
+
+
+class AnalysisSerializer(serializers.ModelSerializer):
+    model_version = ModelVersionSummarySerializer(read_only=True)
+    lesion = serializers.IntegerField(source="image.lesion_id", read_only=True)
+    patient = serializers.IntegerField(source="image.lesion.patient_id", read_only=True)
+    embedding_dim = serializers.IntegerField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = Analysis
+        fields = [
+            "id", "image", "lesion", "patient", "status", "probability", "final_score", "final_score_source",
+            "context_features", "model_version", "error", "attempts", "timings", "embedding_dim",
+            "queued_at", "started_at", "finished_at",
+        ]
+        read_only_fields = fields

@@ -1,0 +1,151 @@
+"""Celery tasks: thin, take ids, safe to run twice. No torch at import (the parent worker process,
+the beat scheduler and the web process import this module); the model is loaded lazily in the
+prefork child by ``inference.predictor`` and cached there (once per worker process).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
+from django.db import OperationalError, transaction
+
+log = logging.getLogger(__name__)
+
+def _limit(name: str, default: int) -> int:
+    """A settings value if the project defines it, else the environment variable, else the default."""
+    return int(getattr(settings, name, None) or os.environ.get(name) or default)
+
+
+# The first task of a worker process also loads the model (seconds), so the limits are generous.
+SOFT_TIME_LIMIT = _limit("ANALYSIS_SOFT_TIME_LIMIT", 300)
+HARD_TIME_LIMIT = max(_limit("ANALYSIS_TIME_LIMIT", SOFT_TIME_LIMIT + 60), SOFT_TIME_LIMIT + 10)
+DB_RETRY = dict(autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=120, retry_jitter=True,
+                max_retries=8)
+
+
+def _worker_name(task) -> str:
+    return getattr(task.request, "hostname", None) or socket.gethostname()
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             soft_time_limit=SOFT_TIME_LIMIT, time_limit=HARD_TIME_LIMIT, **DB_RETRY)
+def analyze_image(self, analysis_id: int) -> dict:
+    """Analyse this queued analysis, batched with up to ANALYSIS_BATCH_SIZE-1 other queued ones."""
+    from . import services
+
+    version = services.version_to_run(analysis_id=analysis_id)
+    if version is None:
+        return {"analysis": analysis_id, "claimed": 0}  # done, failed, gone or held by a live worker
+    # Load (or reuse) the model before claiming, so a claim is held only for the inference itself.
+    model = load_model(version)
+    token, claimed = services.claim_analyses(analysis_id=analysis_id, worker=_worker_name(self))
+    if not claimed:
+        return {"analysis": analysis_id, "claimed": 0}
+    try:
+        done = run_claimed(token, claimed, model)
+    except SoftTimeLimitExceeded:
+        released = services.release_claim(token=token)
+        log.warning("time limit hit on analyses %s; released %s for another try", [a.pk for a in claimed], released)
+        for pk in released:
+            analyze_image.apply_async((pk,), countdown=5)
+        raise
+    except OperationalError:
+        try:  # give the rows back if the database lets us; the sweeper covers the rest
+            for pk in services.release_claim(token=token):
+                analyze_image.apply_async((pk,), countdown=5)
+        except Exception:  # noqa: BLE001
+            pass
+        raise
+    return {"analysis": analysis_id, "claimed": len(claimed), "done": done}
+
+
+def load_model(version):
+    """(predictor, loaded_now) from the per-process cache, or the exception if the model is unusable."""
+    from .predictor import predictor_for_version
+
+    try:
+        return predictor_for_version(version)
+    except Exception as exc:  # noqa: BLE001 -- reported on every claimed row by run_claimed
+        log.exception("cannot load model version %s", version.pk)
+        return exc
+
+
+def run_claimed(token: str, claimed, model=None) -> int:
+    """Decode, batch, infer and store the claimed analyses; enqueue the patients' re-scoring."""
+    from . import services
+
+    version = claimed[0].model_version
+    if model is None or (not isinstance(model, Exception) and model[0].version_id not in (None, version.pk)):
+        model = load_model(version)
+    if isinstance(model, Exception):
+        for a in claimed:
+            services.fail_analysis(analysis=a, token=token,
+                                   reason=f"The model version {version.name!r} could not be loaded: {model}")
+        return 0
+    pred, loaded_now = model
+
+    arrays, ok, load_ms = [], [], []
+    for a in claimed:
+        t0 = time.perf_counter()
+        try:
+            with a.image.file.open("rb") as fh:
+                arrays.append(pred.load(fh))
+        except Exception as exc:  # noqa: BLE001 -- unreadable image: failed now, with the reason
+            services.fail_analysis(analysis=a, token=token,
+                                   reason=f"The image could not be read: {type(exc).__name__}: {exc}")
+            continue
+        ok.append(a)
+        load_ms.append((time.perf_counter() - t0) * 1000)
+    if not ok:
+        return 0
+    try:
+        out = pred.predict_arrays(arrays)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        log.exception("inference failed on analyses %s", [a.pk for a in ok])
+        for a in ok:
+            services.fail_analysis(analysis=a, token=token, reason=f"Inference failed: {type(exc).__name__}: {exc}")
+        return 0
+
+    n, patients = len(ok), set()
+    for i, a in enumerate(ok):
+        timings = {
+            "load_ms": round(load_ms[i], 2),
+            "preprocess_ms": round(out.preprocess_ms / n, 2),
+            "inference_ms": round(out.inference_ms / n, 2),
+            "batch_inference_ms": round(out.inference_ms, 2),
+            "batch_size": n,
+            "precision": out.precision,
+            "input_size": pred.input_size,
+        }
+        if loaded_now and i == 0:
+            timings["model_load_ms"] = round(pred.load_ms, 1)
+        if services.complete_analysis(analysis=a, token=token, probability=out.probabilities[i],
+                                      embedding=out.embeddings[i], timings=timings):
+            patients.add(a.image.lesion.patient_id)
+    for patient_id in sorted(patients):
+        transaction.on_commit(lambda p=patient_id: rescore_patient.delay(p, version.pk))
+    return n
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             soft_time_limit=SOFT_TIME_LIMIT, time_limit=HARD_TIME_LIMIT, **DB_RETRY)
+def rescore_patient(self, patient_id: int, model_version_id: int) -> int:
+    """Thin wrapper: the patient-context module re-scores all of this patient's analyses."""
+    from .context import rescore_patient as rescore
+
+    return rescore(patient_id=patient_id, model_version_id=model_version_id)
+
+
+@shared_task(ignore_result=True, soft_time_limit=60, time_limit=90, **DB_RETRY)
+def sweep_analyses() -> dict:
+    """Periodic (beat): re-send analyses left queued or running-but-stale; fail exhausted ones."""
+    from . import services
+
+    return services.sweep_stale()
