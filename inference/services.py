@@ -188,6 +188,17 @@ def _send(ids, *, on_commit: bool = True) -> None:
             analyze_image.delay(pk)
 
 
+def queue_rescore(*, patient_id: int) -> bool:
+    """Re-score a patient's images (patient context) for the active version after commit."""
+    from .tasks import rescore_patient
+
+    version = active_model_version()
+    if version is None:
+        return False
+    rescore_patient.delay_on_commit(patient_id, version.pk)
+    return True
+
+
 def queue_analyses(*, images, model_version: ModelVersion | None = None) -> list[Analysis]:
     """Create queued analyses of ``images`` for the active model version and enqueue them after commit.
 

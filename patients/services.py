@@ -25,7 +25,7 @@ from django.db.models.signals import pre_save
 from django.utils import timezone
 
 from .models import CareTeam, Lesion, LesionImage, Patient
-from .signals import images_stored
+from .signals import images_stored, patient_records_changed
 from .uploads import ProcessedUpload, UploadRejected, process_upload
 
 logger = logging.getLogger(__name__)
@@ -232,6 +232,7 @@ def update_patient(*, user, patient, data: dict) -> Patient:
                 locked.save()
         except IntegrityError:
             raise ValidationError({"mrn": DUPLICATE_MRN}) from None
+    patient_records_changed.send(sender=Patient, patient_id=locked.pk)
     _copy_fields(locked, patient)
     return patient
 
@@ -284,6 +285,7 @@ def update_lesion(*, user, lesion, data: dict) -> Lesion:
     with acting_as(user):
         current.save()
         _touch(patient)
+    patient_records_changed.send(sender=Lesion, patient_id=patient.pk)
     _copy_fields(current, lesion)
     return lesion
 
@@ -415,6 +417,7 @@ def delete_image(*, user, image: LesionImage) -> None:
         with acting_as(user):
             image.delete()
             _touch(patient)
+        patient_records_changed.send(sender=LesionImage, patient_id=patient.pk)
 
 
 def delete_lesion(*, user, lesion: Lesion) -> None:
@@ -424,6 +427,7 @@ def delete_lesion(*, user, lesion: Lesion) -> None:
         with acting_as(user):
             lesion.delete()
             _touch(patient)
+        patient_records_changed.send(sender=Lesion, patient_id=patient.pk)
 
 
 def delete_patient(*, user, patient: Patient) -> None:

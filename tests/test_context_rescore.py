@@ -253,3 +253,22 @@ def test_bundled_demo_context_model_applies():
     assert rescore_patient(patient_id=patient.pk, model_version_id=version.pk) == 4
     for a in Analysis.objects.filter(model_version=version):
         assert a.final_score_source == "context" and 0 < a.final_score < 1
+
+
+@pytest.mark.django_db
+def test_editing_a_lesion_site_queues_a_rescore_of_the_patient_after_commit(
+    clinician, patient, monkeypatch, django_capture_on_commit_callbacks
+):
+    from inference import tasks
+    from patients import services
+
+    version = make_version(is_active=True)
+    lesion = LesionFactory(patient=patient)
+    sent = []
+    monkeypatch.setattr(tasks.rescore_patient, "delay", lambda *args: sent.append(args))
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        services.update_lesion(user=clinician, lesion=lesion, data={"anatomic_site": "Lower extremity:Thigh"})
+    assert sent == []  # nothing before commit
+    for callback in callbacks:
+        callback()
+    assert sent == [(patient.pk, version.pk)]
