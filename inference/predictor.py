@@ -6,8 +6,8 @@ module-level cache keyed by the model version (its weights SHA-256).
 
 Inference path (the same for the worker, ``install_model``'s validation run and the benchmark):
 ``training.preprocessing.load_rgb`` (JPEG draft mode: never a full-resolution decode) ->
-``to_batch`` (ImageNet normalisation, channels_last) -> ``MelanomaNet.forward_with_embedding``
-under ``torch.inference_mode()``, in bf16 autocast only where the CPU supports bf16 natively AND a
+``to_batch`` (ImageNet normalisation, channels_last) -> ``MelanomaNet.forward_tta`` (flip TTA when
+the model card's metrics were measured with it, as the demo model's were) under ``torch.inference_mode()``, in bf16 autocast only where the CPU supports bf16 natively AND a
 probe batch shows the probabilities stay within ``ANALYSIS_BF16_TOLERANCE`` of fp32 (decided once
 per process and model, logged).
 """
@@ -142,9 +142,14 @@ class Predictor:
     def precision(self) -> str:
         return "bf16" if self.use_bf16 else "fp32"
 
+    @property
+    def tta(self) -> bool:
+        """Flip TTA exactly when the card says its metrics were measured with it."""
+        return bool(self.card.get("tta", False))
+
     def _run(self, batch: torch.Tensor, *, bf16: bool):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, emb = self.model.forward_with_embedding(batch)
+            logits, emb = self.model.forward_tta(batch, tta=self.tta)
         logits = logits.float()
         probs = torch.sigmoid(logits.double()).numpy()
         return probs, emb.float().numpy(), logits.numpy()

@@ -122,6 +122,7 @@ def run_claimed(token: str, claimed, model=None) -> int:
             "batch_inference_ms": round(out.inference_ms, 2),
             "batch_size": n,
             "precision": out.precision,
+            "tta": pred.tta,
             "input_size": pred.input_size,
         }
         if loaded_now and i == 0:

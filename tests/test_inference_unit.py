@@ -87,6 +87,24 @@ def test_tasks_are_late_acked_time_limited_and_retry_database_errors():
 
 # ---------------------------------------------------------------------- predictor
 
+def test_predictor_applies_flip_tta_exactly_when_the_card_says_so(tiny_ckpt):
+    import torch
+
+    from inference.predictor import Predictor, probe_arrays
+    from training.preprocessing import to_batch
+
+    pred = Predictor.from_checkpoint(tiny_ckpt, bf16=False)
+    arrays = probe_arrays(64, n=3, seed=3)
+    with torch.no_grad():
+        plain = torch.sigmoid(pred.model.forward_tta(to_batch(arrays), tta=False)[0]).numpy()
+        tta = torch.sigmoid(pred.model.forward_tta(to_batch(arrays), tta=True)[0]).numpy()
+    pred.card = {**pred.card, "tta": False}
+    assert np.allclose(pred.predict_arrays(arrays).probabilities, plain, atol=1e-5)
+    pred.card = {**pred.card, "tta": True}
+    assert np.allclose(pred.predict_arrays(arrays).probabilities, tta, atol=1e-5)
+    assert not np.allclose(plain, tta, atol=1e-4)
+
+
 def test_bf16_is_used_only_within_tolerance_of_fp32(tiny_ckpt):
     from inference.predictor import Predictor, bf16_supported, probe_arrays
 

@@ -151,19 +151,13 @@ def predict(model: nn.Module, arrays, batch_size: int = 64, tta: bool = False, a
     n = len(arrays)
     logits = np.empty(n, dtype=np.float32)
     embs = np.empty((n, 2048), dtype=np.float32)
-    flips = [(), (3,), (2,), (2, 3)] if tta else [()]
     for s in tqdm(range(0, n, batch_size), disable=not progress, desc="predict",
                   mininterval=2 if sys.stderr.isatty() else 30):
         x = to_batch(arrays[s:s + batch_size]).to(device)
-        lsum, esum = 0.0, 0.0
-        for dims in flips:
-            xi = torch.flip(x, dims) if dims else x
-            with autocast(device, amp):
-                lo, em = model.forward_with_embedding(xi)
-            lsum = lsum + lo.float()
-            esum = esum + em.float()
-        logits[s:s + batch_size] = (lsum / len(flips)).cpu().numpy()
-        embs[s:s + batch_size] = (esum / len(flips)).cpu().numpy()
+        with autocast(device, amp):
+            lo, em = model.forward_tta(x, tta=tta)
+        logits[s:s + batch_size] = lo.float().cpu().numpy()
+        embs[s:s + batch_size] = em.float().cpu().numpy()
     return logits, embs
 
 

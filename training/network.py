@@ -80,6 +80,24 @@ class MelanomaNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_embedding(x)[0]
 
+    def forward_tta(self, x: torch.Tensor, tta: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flip test-time augmentation: the mean logit and the mean embedding over identity,
+        horizontal, vertical and both flips (``tta=False``: one plain pass). The one definition
+        used by out-of-fold scoring, ``python -m training evaluate`` and the worker, so the scores
+        on screen come from the procedure the card's metrics measured."""
+        flips = TTA_FLIPS if tta else ((),)
+        lsum = esum = None
+        for dims in flips:
+            lo, em = self.forward_with_embedding(torch.flip(x, dims) if dims else x)
+            lo, em = lo.float(), em.float()
+            lsum = lo if lsum is None else lsum + lo
+            esum = em if esum is None else esum + em
+        return lsum / len(flips), esum / len(flips)
+
+
+# Flip dimensions of an NCHW batch: identity, horizontal, vertical, both.
+TTA_FLIPS = ((), (3,), (2,), (2, 3))
+
 
 # --------------------------------------------------------------------------- checkpoints
 

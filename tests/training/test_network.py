@@ -29,6 +29,19 @@ def test_forward_shapes(nets):
     assert isinstance(m.pool, torch.nn.AdaptiveAvgPool2d) and m.head.out_features == 1
 
 
+def test_forward_tta_averages_the_four_flips_and_plain_pass_without_tta(nets):
+    m = nets["se_resnet50"].eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        outs = [m.forward_with_embedding(torch.flip(x, d) if d else x) for d in ((), (3,), (2,), (2, 3))]
+        logits, emb = m.forward_tta(x, tta=True)
+        assert torch.allclose(logits, sum(o[0] for o in outs) / 4, atol=1e-5)
+        assert torch.allclose(emb, sum(o[1] for o in outs) / 4, atol=1e-5)
+        plain_logits, plain_emb = m.forward_tta(x, tta=False)
+        assert torch.allclose(plain_logits, outs[0][0]) and torch.allclose(plain_emb, outs[0][1])
+        assert not torch.allclose(logits, plain_logits)
+
+
 @pytest.mark.parametrize("backbone,bprefix,hprefix,source", [
     ("se_resnext50_32x4d", "model.", "out.", "notebook"),
     ("se_resnet50", "base_model.", "l0.", "flask"),
