@@ -5,7 +5,6 @@ No torch at module level: the web process imports this module. The functions tha
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -20,6 +19,7 @@ from django.db.models import F, Prefetch, Q
 from django.utils import timezone
 
 from patients.models import LesionImage
+from training.hashing import file_sha256
 
 from .models import Analysis, ModelVersion
 
@@ -36,12 +36,6 @@ def active_model_version() -> ModelVersion | None:
     return ModelVersion.objects.filter(is_active=True).first()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -100,7 +94,7 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
     src = Path(checkpoint_path)
     if not src.is_file():
         raise ModelInstallError(f"checkpoint not found: {src}")
-    sha = _sha256(src)
+    sha = file_sha256(src)
     existing = ModelVersion.objects.filter(sha256=sha).first()
     if existing is not None:
         if not skip_if_installed:

@@ -136,6 +136,10 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
 THUMBNAIL_SIZE = 256
+# Prefetch factories (dotted paths) applied to image lists on the records pages, so that what the
+# analysis app shows beside each image costs no query per image. Keeps patients -> inference
+# imports out of the records core: the dependency is one-way (inference imports patients).
+IMAGE_LIST_PREFETCHES = ["inference.services.analysis_prefetch"]
 
 # Model versions (weights, cards, context models) are copied here by install_model.
 MODEL_ROOT = Path(env("MODEL_ROOT", default=str(VAR_DIR / "models")))

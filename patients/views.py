@@ -13,9 +13,9 @@ from django.db.models import Count, Prefetch, Q
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.module_loading import import_string
 from django.views.decorators.http import require_http_methods
 
-from inference.services import analysis_prefetch
 
 from . import services
 from .forms import ImageUploadForm, LesionForm, PatientCreateForm, PatientForm, add_service_errors
@@ -42,9 +42,12 @@ def get_lesion(request, pk):
 
 
 def images_in_date_order():
-    """A lesion's images, oldest first, with their analysis results in one query (no N+1)."""
+    """A lesion's images, oldest first, with what other apps show beside each image (the analysis
+    results) prefetched in one query each: settings.IMAGE_LIST_PREFETCHES names them, so the
+    records core does not import those apps."""
+    extras = [import_string(path)() for path in settings.IMAGE_LIST_PREFETCHES]
     return LesionImage.objects.order_by("acquired_on", "uploaded_at", "id").select_related(
-        "uploaded_by").prefetch_related(analysis_prefetch())
+        "uploaded_by").prefetch_related(*extras)
 
 
 # --- worklist ------------------------------------------------------------------------------------

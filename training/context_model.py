@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
-import hashlib
 import json
 import os
 import sys
@@ -42,6 +41,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from . import context_features as cf
+from .hashing import file_sha256
 from .simulate import read_isic_metadata, simulate_patients
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -389,12 +389,6 @@ def evaluate_real_patients(oof: OOFData, n_folds=5, seed=42):
 
 # --- main ----------------------------------------------------------------------------------------
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: str, obj) -> None:
@@ -461,8 +455,8 @@ def main(argv=None) -> int:
         if not (args.oof and args.embeddings):
             raise SystemExit("--oof and --embeddings are required (or --synthetic N / --metadata-only)")
         oof = read_oof(args.oof, args.embeddings, args.isic_metadata if have_meta else None)
-        sources = {"oof": os.path.basename(args.oof), "oof_sha256": _sha256(args.oof),
-                   "embeddings": os.path.basename(args.embeddings), "embeddings_sha256": _sha256(args.embeddings)}
+        sources = {"oof": os.path.basename(args.oof), "oof_sha256": file_sha256(args.oof),
+                   "embeddings": os.path.basename(args.embeddings), "embeddings_sha256": file_sha256(args.embeddings)}
     pool_desc = {**sources, "n_images": len(oof), "n_melanoma": int(oof.target.sum()),
                  "embedding_dim": int(oof.embeddings.shape[1]),
                  "image_only_auc_of_the_oof": auc(oof.target, oof.prob)}
