@@ -41,6 +41,26 @@ class ModelVersion(models.Model):
         return value
 
     @property
+    def context_model_summary(self) -> dict | None:
+        """What a reader of a context score needs to know about the context model: what it was
+        trained on (simulated or real patients, the assumed within-patient resemblance), its
+        metrics and threshold. None when the version has no context model."""
+        cm = self.context_model or None
+        if not cm:
+            return None
+        td = cm.get("training_data") or {}
+        return {
+            "kind": cm.get("kind"),
+            "feature_version": cm.get("feature_version"),
+            "threshold": cm.get("threshold"),
+            "threshold_method": cm.get("threshold_method"),
+            "metrics": cm.get("metrics") or {},
+            "training_data": {k: td[k] for k in ("kind", "description", "resemblance", "n_rows", "n_patients")
+                              if k in td},
+            "validated": False,
+        }
+
+    @property
     def roc_auc_ci(self) -> tuple[float, float] | None:
         """The 95% interval of the ROC-AUC when the card has one (several spellings accepted)."""
         m = self.metrics or {}

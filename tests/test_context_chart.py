@@ -124,3 +124,18 @@ def test_exported_model_is_named_simulated_patients_on_the_page(tmp_path):
     html = render(patient)
     assert "trained on simulated patients" in html and "with context vs" in html
     assert "Not validated for clinical use" in html
+    assert "assumed within-patient resemblance" not in html  # this one was trained without the assumption
+
+
+@pytest.mark.django_db
+def test_bundled_context_model_names_its_assumed_resemblance_on_the_page():
+    import json
+    from pathlib import Path
+
+    model = json.loads((Path(__file__).resolve().parent.parent / "models" / "demo" / "context_model.json").read_text())
+    version = make_version(model, is_active=True)
+    patient, _, _ = similar_patient(version, n=3)
+    rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
+    html = render(patient)
+    assert "trained on simulated patients with an assumed within-patient resemblance of 0.75" in html
+    assert "Not validated for clinical use" in html

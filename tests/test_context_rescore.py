@@ -237,15 +237,51 @@ def test_concurrent_rescoring_while_new_analyses_appear_equals_one_pass(monkeypa
     assert state(patient, version) == concurrent_state
 
 
-@pytest.mark.django_db
-def test_bundled_demo_context_model_applies():
+def bundled_context_model():
     import json
     from pathlib import Path
 
     path = Path(__file__).resolve().parent.parent / "models" / "demo" / "context_model.json"
-    if not path.is_file():
-        pytest.skip("no bundled demo context model")
-    model = json.loads(path.read_text())
+    assert path.is_file(), "the demo context model is committed with the repository"
+    return json.loads(path.read_text())
+
+
+@pytest.mark.django_db
+def test_bundled_demo_context_model_raises_a_clearly_different_lesion():
+    """The shipped context model (real 2048-d embedding space of the demo network): the same image,
+    with the same probability, scores higher as the odd one out among five alike lesions than
+    among five lesions that resemble it."""
+    model = bundled_context_model()
+    version = make_version(model)
+    rng = np.random.default_rng(4)
+    dim = 2048
+    typical = rng.gamma(1.0, size=dim)      # non-negative, like pooled ReLU features
+    odd_look = rng.gamma(1.0, size=dim)
+
+    def near(v):
+        return np.clip(v + rng.normal(scale=0.3, size=dim), 0, None)
+
+    finals = {}
+    for name, look in (("odd one out", typical), ("among its kind", odd_look)):
+        patient = PatientFactory()
+        for k in range(5):
+            add_image(LesionFactory(patient=patient, label=f"N{k}"), version, 0.3 + 0.01 * k, near(look), day=k + 1)
+        target = add_image(LesionFactory(patient=patient, label="X"), version, 0.32, odd_look, day=20)
+        rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
+        target.refresh_from_db()
+        finals[name] = target
+    odd, kin = finals["odd one out"], finals["among its kind"]
+    # identical probability features; only the dissimilarity differs
+    for f in ("logit_prob", "prob_rank_patient", "log_n_images", "age", "site_torso"):
+        assert odd.context_features[f] == pytest.approx(kin.context_features[f])
+    assert odd.context_features["ud_distance"] > kin.context_features["ud_distance"]
+    assert odd.context_features["ud_rank_patient"] == 1.0
+    assert odd.final_score > kin.final_score
+
+
+@pytest.mark.django_db
+def test_bundled_demo_context_model_applies():
+    model = bundled_context_model()
     cf.validate_context_model(model)
     assert model["training_data"]["kind"] in ("simulated patients", "real patients")
     version = make_version(model)

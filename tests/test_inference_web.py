@@ -173,8 +173,25 @@ def test_model_versions_api_is_read_only(api):
     (item,) = data["results"]
     assert item["name"] == "v1" and item["is_active"] is True and item["roc_auc"] == 0.87
     assert item["validated"] is False and item["threshold"] == 0.4 and item["has_context_model"] is False
+    assert item["context_model"] is None
     assert api.post("/api/v1/model-versions/", {"name": "x"}).status_code == 405
     assert api.delete(f"/api/v1/model-versions/{v.pk}/").status_code == 405
+
+
+def test_model_version_api_says_what_the_context_model_was_trained_on(api):
+    import json
+    from pathlib import Path
+
+    cm = json.loads((Path(__file__).resolve().parent.parent / "models" / "demo" / "context_model.json").read_text())
+    v = version(context_model=cm)
+    item = api.get(f"/api/v1/model-versions/{v.pk}/").json()
+    assert item["has_context_model"] is True
+    summary = item["context_model"]
+    assert summary["training_data"]["kind"] == "simulated patients"
+    assert summary["training_data"]["resemblance"] == 0.75
+    assert "not real patients" in summary["training_data"]["description"]
+    assert summary["metrics"]["roc_auc_context"] > summary["metrics"]["roc_auc_image_only"]
+    assert summary["validated"] is False and 0 < summary["threshold"] < 1
 
 
 def test_schema_generates_without_errors_or_warnings_for_analyses():

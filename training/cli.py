@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,export,evaluate,context} ...``."""
+"""Command line: ``python -m training {train,export,evaluate,embed,context} ...``."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,8 @@ subcommands:
             export the model, its card and the out-of-fold predictions/embeddings
   export    (re)export a finished or partly exported run directory
   evaluate  score a labelled folder with a checkpoint; prints one JSON line of metrics last
+  embed     score the shipped checkpoint's own validation fold into a context pool (one
+            embedding space, the worker's) for `context`
   context   train the patient-context model on exported OOF files (training.context_model)
 
 Run `python -m training SUBCOMMAND --help` for the options of each.
@@ -164,6 +166,12 @@ def cmd_evaluate(argv, prog="python -m training evaluate") -> int:
     return eval_main(argv)
 
 
+def cmd_embed(argv, prog="python -m training embed") -> int:
+    from .embed import main as embed_main
+
+    return embed_main(argv)
+
+
 def cmd_context(argv, prog="python -m training context") -> int:
     try:
         mod = importlib.import_module("training.context_model")
@@ -181,13 +189,14 @@ def cmd_context(argv, prog="python -m training context") -> int:
     return int(rc or 0)
 
 
-COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "context": cmd_context}
+COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "embed": cmd_embed,
+            "context": cmd_context}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: python -m training {train,export,evaluate,context} [options]\n")
+        print("usage: python -m training {train,export,evaluate,embed,context} [options]\n")
         print(DESCRIPTION)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]

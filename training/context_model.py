@@ -15,7 +15,11 @@
   StratifiedGroupKFold), missing age/sex/site are joined from ``--isic-metadata`` by image id.
 * Without patient ids (``../shared/data/dermoscopy``): **simulated patients** (see
   ``training.simulate``) drawn from the real ISIC 2020 structure in ``--isic-metadata``, for each
-  of ``--seeds``; CV over the simulation's folds (patient-grouped and image-disjoint).
+  of ``--seeds``; CV over the simulation's folds (patient-grouped and image-disjoint). The pool
+  must be in ONE embedding space (``python -m training embed`` builds it from the shipped
+  checkpoint's own validation fold; a multi-fold export is refused). ``--resemblance R1,R2,..``
+  (with ``--descriptors``) evaluates each assumed within-patient resemblance level and exports
+  the model of the first; the report adds an odd-one-out check on the pool's real images.
 * Always when ``--isic-metadata`` is readable: (a) the metadata-only model on the REAL ISIC 2020
   metadata with patient-grouped CV (StratifiedGroupKFold by patient_id).
 * Writes ``DIR/context_model.json`` (the logistic regression the worker applies with numpy:
@@ -62,7 +66,8 @@ SITE_COLUMNS = ("anatom_site_general_challenge", "anatom_site_general", "anatom_
 class OOFData:
     """Per-image arrays read from an OOF CSV + embeddings."""
 
-    def __init__(self, image_id, prob, target, embeddings, patient_id, lesion_id, age, sex, site, source=""):
+    def __init__(self, image_id, prob, target, embeddings, patient_id, lesion_id, age, sex, site, source="",
+                 embedding_space=None):
         self.image_id = list(image_id)
         self.prob = np.asarray(prob, dtype=np.float64)
         self.target = np.asarray(target, dtype=np.int64)
@@ -73,6 +78,8 @@ class OOFData:
         self.sex = list(sex)
         self.site = list(site)
         self.source = source
+        # Which network embedded each image ("" = unknown: one network assumed).
+        self.embedding_space = list(embedding_space) if embedding_space is not None else [""] * len(self.image_id)
 
     def __len__(self):
         return len(self.image_id)
@@ -109,6 +116,10 @@ def read_oof(path: str, embeddings_path: str, isic_metadata: str | None = None) 
     if emb.ndim != 2:
         raise ValueError(f"{embeddings_path}: expected a 2-d array, got shape {emb.shape}")
     ids, prob, target, patient, lesion, age, sex, site, erow = [], [], [], [], [], [], [], [], []
+    # The network that embedded each row: training.embed writes embedding_model; an export of
+    # `train` has one network per fold (each image embedded by the model that did not train on it).
+    c_space = "embedding_model" if "embedding_model" in cols else ("fold" if "fold" in cols else None)
+    space = [(f"{c_space}:{r.get(c_space) or ''}" if c_space else "") for r in rows]
     for line, r in enumerate(rows, start=2):
         try:
             p = float(r[c_p])
@@ -150,7 +161,31 @@ def read_oof(path: str, embeddings_path: str, isic_metadata: str | None = None) 
             sex[i] = sex[i] or m.sex
             site[i] = site[i] or m.site
     age = [float(a) if a not in ("", None) else float("nan") for a in age]
-    return OOFData(ids, prob, target, embeddings, patient, lesion, age, sex, site, source=path)
+    return OOFData(ids, prob, target, embeddings, patient, lesion, age, sex, site, source=path,
+                   embedding_space=space)
+
+
+def check_one_embedding_space(oof: OOFData, per_patient: bool) -> None:
+    """Ugly-duckling distances compare embeddings of one patient's images: they must come from
+    one network. Simulated patients mix pool images freely, so the whole pool must be one space;
+    real patients need one space per patient."""
+    if per_patient:
+        spaces: dict = {}
+        for pid, sp in zip(oof.patient_id, oof.embedding_space):
+            spaces.setdefault(pid, set()).add(sp)
+        mixed = [pid for pid, s in spaces.items() if len(s) > 1]
+        if mixed:
+            raise ValueError(f"{len(mixed)} patients (first: {mixed[0]}) have images embedded by different "
+                             "networks (folds); their ugly-duckling distances would mean nothing")
+        return
+    distinct = sorted(set(oof.embedding_space))
+    if len(distinct) > 1:
+        raise ValueError(
+            f"the pool's embeddings come from {len(distinct)} networks ({', '.join(distinct[:4])}): simulated "
+            "patients mix pool images, and a cosine distance between embeddings of different networks means "
+            "nothing. Build a pool in one embedding space with `python -m training embed --checkpoint "
+            "MODEL.pt --oof OOF.csv --data DIR --out POOL` and pass POOL/context_pool.csv and "
+            "POOL/context_pool_embeddings.npy")
 
 
 def synthetic_oof(n: int = 1200, dim: int = 32, seed: int = 0, with_patients: bool = False) -> OOFData:
@@ -341,19 +376,22 @@ def _simulated_features(oof: OOFData, sim) -> np.ndarray:
     )
 
 
-def evaluate_simulated(oof: OOFData, isic_path: str, seeds, n_folds=5, n_patients=None, log=print):
+def evaluate_simulated(oof: OOFData, isic_path: str, seeds, n_folds=5, n_patients=None, log=print,
+                       resemblance: float = 0.0, descriptors=None):
+    check_one_embedding_space(oof, per_patient=False)
     rows = read_isic_metadata(isic_path)
     per_seed, X_all, y_all, first = [], [], [], None
     for s in seeds:
         t0 = time.time()
-        sim = simulate_patients(rows, oof.target, oof.lesion_id, n_patients=n_patients, n_folds=n_folds, seed=s)
+        sim = simulate_patients(rows, oof.target, oof.lesion_id, n_patients=n_patients, n_folds=n_folds, seed=s,
+                                resemblance=resemblance, descriptors=descriptors)
         X = _simulated_features(oof, sim)
         y = sim.target
         cv = cross_validate(X, y, sim.fold, FEATURE_SETS, image_prob=oof.prob[sim.pool_index])
         pub = _public(cv)
         delta = {k: pub[k]["pooled_auc"] - pub["image_only"]["pooled_auc"] for k in FEATURE_SETS}
         per_seed.append({"seed": s, "simulation": sim.stats, "auc": pub, "pooled_auc_gain_over_image_only": delta})
-        log(f"  simulated patients seed {s}: image-only AUC {pub['image_only']['pooled_auc']:.4f}, "
+        log(f"  simulated patients (resemblance {resemblance:g}) seed {s}: image-only AUC {pub['image_only']['pooled_auc']:.4f}, "
             + ", ".join(f"{k} {pub[k]['pooled_auc']:.4f}" for k in FEATURE_SETS) + f" ({time.time() - t0:.1f}s)")
         X_all.append(X)
         y_all.append(y)
@@ -370,7 +408,50 @@ def evaluate_simulated(oof: OOFData, isic_path: str, seeds, n_folds=5, n_patient
     return per_seed, summary, np.concatenate(X_all), np.concatenate(y_all), first
 
 
+def odd_one_out_check(oof: OOFData, descriptors, model: dict, n_trials: int = 500, n_similar: int = 5,
+                     seed: int = 0) -> dict:
+    """What the exported model does with a clearly different lesion, on real pool images.
+
+    Per trial: a melanoma image X; patient A = X + the ``n_similar`` benign images most like a
+    random benign signature image (in colour descriptors); patient B = X + the ``n_similar``
+    benign images most like X itself. Same probabilities would rank X the same in both; only
+    its dissimilarity from the other lesions differs. Reports how often X's ugly-duckling distance
+    and final score are higher in A (as the odd one out) than in B, and the median score ratio.
+    """
+    rng = np.random.default_rng(seed)
+    d = np.asarray(descriptors, dtype=np.float64)
+    d = (d - d.mean(0)) / np.where(d.std(0) > 1e-12, d.std(0), 1.0)
+    benign, melanoma = np.flatnonzero(oof.target == 0), np.flatnonzero(oof.target == 1)
+    if len(benign) <= n_similar or not len(melanoma):
+        return {}
+    ud_col = cf.FEATURE_NAMES.index("ud_distance")
+    ud_higher, score_higher, ratios = [], [], []
+    for _ in range(n_trials):
+        x = int(rng.choice(melanoma))
+        signature = int(rng.choice(benign))
+        out = []
+        for anchor in (signature, x):
+            others = benign[np.argsort(np.linalg.norm(d[benign] - d[anchor], axis=1), kind="stable")[:n_similar]]
+            idx = np.r_[others, x]
+            X = cf.patient_features(oof.prob[idx], list(range(len(idx))), embeddings=oof.embeddings[idx],
+                                    sites=["torso"] * len(idx), ages=[50] * len(idx), sexes=[""] * len(idx))
+            out.append((X[-1, ud_col], float(cf.apply_context_model(model, X)[-1])))
+        (ud_a, s_a), (ud_b, s_b) = out
+        ud_higher.append(ud_a > ud_b)
+        score_higher.append(s_a > s_b)
+        ratios.append(s_a / s_b)
+    return {
+        "what": (f"{n_trials} trials on the pool's real images: a melanoma image as the odd one out among "
+                 f"{n_similar} benign images that resemble each other (colour nearest neighbours of a "
+                 f"random benign image) vs the same image among {n_similar} benign images that resemble it"),
+        "ud_distance_higher_as_odd_one_out": float(np.mean(ud_higher)),
+        "final_score_higher_as_odd_one_out": float(np.mean(score_higher)),
+        "median_final_score_ratio": float(np.median(ratios)),
+    }
+
+
 def evaluate_real_patients(oof: OOFData, n_folds=5, seed=42):
+    check_one_embedding_space(oof, per_patient=True)
     pid = oof.patient_id
     lesion = [l or f"img:{i}" for i, l in zip(oof.image_id, oof.lesion_id)]
     X = features_for_groups(pid, oof.prob, lesion, oof.embeddings, oof.site, oof.age, oof.sex)
@@ -417,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
                     help="use N synthetic OOF images instead of --oof/--embeddings (development)")
     ap.add_argument("--model-name", default="", help="image model version the OOF came from (recorded)")
+    ap.add_argument("--descriptors", default=None,
+                    help="colour descriptors .npy aligned with --oof (`training embed` writes "
+                         "context_pool_colour.npy); needed for --resemblance above 0")
+    ap.add_argument("--resemblance", default="0",
+                    help="simulated patients only: comma-separated within-patient resemblance levels "
+                         "in [0, 1] (an assumption: see training/simulate.py); every level is evaluated, "
+                         "the FIRST one trains the exported model")
     return ap
 
 
@@ -463,6 +551,7 @@ def main(argv=None) -> int:
     if args.model_name:
         pool_desc["image_model"] = args.model_name
 
+    descriptors_for_check = None
     if oof.has_patients:
         res, X_train, y_train, (y_thr, p_thr) = evaluate_real_patients(oof, n_folds=args.folds)
         report["real_patients"] = {"what": "image part on REAL patients (patient ids from the OOF file)",
@@ -477,9 +566,38 @@ def main(argv=None) -> int:
             raise SystemExit(f"the OOF has no patient ids and there is no ISIC 2020 metadata at {args.isic_metadata} "
                              "to simulate patients from")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        print(f"(b) simulated patients: ISIC 2020 structure x {len(oof)} pool images, seeds {seeds}")
+        try:
+            levels = [float(v) for v in args.resemblance.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--resemblance: expected numbers in [0, 1], got {args.resemblance!r}") from None
+        if not levels or any(not 0 <= v <= 1 for v in levels):
+            raise SystemExit(f"--resemblance: expected numbers in [0, 1], got {args.resemblance!r}")
+        descriptors = None
+        if args.descriptors:
+            descriptors = np.load(args.descriptors)
+            if descriptors.ndim != 2 or descriptors.shape[0] != len(oof):
+                raise SystemExit(f"{args.descriptors}: expected one row per --oof row ({len(oof)}), "
+                                 f"got shape {descriptors.shape}")
+        elif any(v > 0 for v in levels):
+            raise SystemExit("--resemblance above 0 needs --descriptors (context_pool_colour.npy from "
+                             "`python -m training embed`)")
+        try:
+            check_one_embedding_space(oof, per_patient=False)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        print(f"(b) simulated patients: ISIC 2020 structure x {len(oof)} pool images, seeds {seeds}, "
+              f"resemblance {levels}")
+        comparison = {}
+        for level in levels[1:]:
+            _, summ, _, _, _ = evaluate_simulated(oof, args.isic_metadata, seeds, n_folds=args.folds,
+                                                 n_patients=args.sim_patients, resemblance=level,
+                                                 descriptors=descriptors)
+            comparison[str(level)] = {k: summ[k]["pooled_auc_over_seeds"] for k in ["image_only", *FEATURE_SETS]}
         per_seed, summary, X_train, y_train, (y_thr, p_thr) = evaluate_simulated(
-            oof, args.isic_metadata, seeds, n_folds=args.folds, n_patients=args.sim_patients)
+            oof, args.isic_metadata, seeds, n_folds=args.folds, n_patients=args.sim_patients,
+            resemblance=levels[0], descriptors=descriptors)
+        descriptors_for_check = descriptors
+        comparison[str(levels[0])] = {k: summary[k]["pooled_auc_over_seeds"] for k in ["image_only", *FEATURE_SETS]}
         report["simulated_patients"] = {
             "what": ("image part on SIMULATED PATIENTS: real ISIC 2020 patient profiles (rows, melanoma rows, "
                      "age/sex/site per row) filled with the pool images' out-of-fold probabilities and "
@@ -490,11 +608,19 @@ def main(argv=None) -> int:
                              "image-disjoint; logistic regression on standardized features trained on 4 folds, "
                              "scored on the 5th; ROC-AUC per fold and over all pooled out-of-fold scores. "
                              "image_only = the pool's OOF image probability on the same simulated images."),
+            "resemblance": levels[0],
+            "resemblance_meaning": (
+                "probability that a simulated patient's benign lesion is the pool lesion most like the patient's "
+                "random 'signature' benign lesion in model-independent colour descriptors (else a random one); "
+                "melanomas are always random. 0 = plain random fill. An ASSUMPTION standing in for the "
+                "resemblance of one person's naevi, which these data cannot measure (see training/simulate.py)."),
+            "resemblance_comparison_pooled_auc": comparison,
             "caveats": [
                 "Simulated patients are not real patients: a simulated patient's lesions come from different "
-                "real people, so lesions of one patient do not resemble each other more than any two lesions "
-                "do. The within-patient 'ugly duckling' effect of real patients therefore cannot be measured "
-                "here; ud_distance measures atypicality against unrelated lesions.",
+                "real people. With resemblance 0 they do not resemble each other more than any two lesions do, "
+                "so the 'ugly duckling' sign cannot exist; with resemblance > 0 the resemblance of one person's "
+                "benign lesions is ASSUMED (in colour), and the ugly-duckling gain measured depends on that "
+                "assumption. Only real multi-lesion patients can measure it.",
                 "Age, sex and site come from the real ISIC 2020 rows the images were assigned to (same class), "
                 "so image_plus_context_plus_metadata includes the real metadata signal measured in (a).",
                 "Pool images are reused across simulated patients of the same fold (never within a patient, "
@@ -512,13 +638,19 @@ def main(argv=None) -> int:
             "kind": "simulated patients",
             "description": (f"simulated patients (seeds {seeds}, all concatenated): the real ISIC 2020 patient "
                             f"structure of {os.path.basename(args.isic_metadata)} filled with {len(oof)} pool "
-                            "images' out-of-fold predictions and embeddings; not real patients"),
+                            "images' out-of-fold predictions and embeddings, assumed within-patient "
+                            f"resemblance {levels[0]:g}; not real patients"),
+            "resemblance": levels[0],
             "pool": pool_desc,
             "n_rows": int(len(y_train)), "n_melanoma_rows": int(y_train.sum()),
         }
+        for level, res in comparison.items():
+            print(f"(b) simulated patients, resemblance {level}: image only "
+                  f"{res['image_only']['mean']:.4f}, image + context {res['image_plus_context']['mean']:.4f}, "
+                  f"+ metadata {res[EXPORT_SET]['mean']:.4f}")
         for k in ["image_only", *FEATURE_SETS]:
             s = summary[k]["pooled_auc_over_seeds"]
-            print(f"(b) simulated patients: {k}: pooled OOF ROC-AUC {s['mean']:.4f} +- {s['sd']:.4f} over seeds")
+            print(f"(b) simulated patients (resemblance {levels[0]:g}): {k}: pooled OOF ROC-AUC {s['mean']:.4f} +- {s['sd']:.4f} over seeds")
         headline = {k: summary[k]["pooled_auc_over_seeds"]["mean"] for k in ["image_only", *FEATURE_SETS]}
 
     # The exported model: LR on every row (all folds; all seeds for simulated patients).
@@ -555,6 +687,13 @@ def main(argv=None) -> int:
     ref = final.predict_proba(X_train[:2000][:, columns(feats)])[:, 1]
     if not np.allclose(check, ref, atol=1e-9):
         raise AssertionError("exported context model does not reproduce predict_proba")
+    if descriptors_for_check is not None:
+        check_ud = odd_one_out_check(oof, descriptors_for_check, model)
+        if check_ud:
+            report["odd_one_out_check"] = check_ud
+            print(f"odd-one-out check: ud distance higher in {check_ud['ud_distance_higher_as_odd_one_out']:.0%}, "
+                  f"final score higher in {check_ud['final_score_higher_as_odd_one_out']:.0%} of trials "
+                  f"(median score ratio {check_ud['median_final_score_ratio']:.2f})")
     report["exported_model"] = {k: model[k] for k in ("feature_names", "coefficients", "intercept", "threshold",
                                                        "threshold_method", "metrics", "training_data")}
     report["seconds"] = round(time.time() - t_start, 1)

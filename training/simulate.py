@@ -16,6 +16,16 @@ and gives every row an image of the same class from the image pool:
   by having a melanoma) are dealt into ``n_folds`` folds and a patient of fold k only gets images
   of fold k. So with ``fold`` as the CV split, no patient AND no image is in two folds.
 
+Within-patient resemblance (``resemblance`` r in [0, 1], an ASSUMPTION, not a measurement): the
+"ugly duckling" sign works because one person's naevi tend to look alike (skin type, pigmentation,
+the person's "signature naevus"), while a melanoma does not follow the pattern. Images of unrelated
+people have no such resemblance, so with r = 0 (plain random fill) the sign cannot exist in the
+simulation. With r > 0 every simulated patient gets a random benign *signature* lesion, and each
+of its benign lesions is, with probability r, the not-yet-used pool lesion whose colour
+``descriptors`` (model-independent: ``colour_descriptor``) are closest to the signature's;
+otherwise a random one. Melanoma rows are always filled at random. Whether the image model's
+embedding picks up that resemblance is then what the evaluation measures.
+
 Everything reported from this module is "simulated patients", never real patient data.
 """
 from __future__ import annotations
@@ -121,6 +131,17 @@ class SimulatedPatients:
         return [(b - a, int(self.target[a:b].sum())) for a, b in self.patient_slices()]
 
 
+def colour_descriptor(rgb) -> np.ndarray:
+    """Model-independent appearance of an RGB uint8 image (H, W, 3): per channel the mean and sd,
+    the mean of the darkest quarter of pixels (by luminance: the lesion) and of the brightest
+    quarter (the surrounding skin), on a 0-1 scale. 12 numbers."""
+    x = np.asarray(rgb, dtype=np.float64).reshape(-1, 3) / 255.0
+    lum = x @ np.array([0.299, 0.587, 0.114])
+    order = np.argsort(lum, kind="stable")
+    q = max(1, len(order) // 4)
+    return np.concatenate([x.mean(0), x.std(0), x[order[:q]].mean(0), x[order[-q:]].mean(0)])
+
+
 def _deal(n: int, n_folds: int, rng: np.random.Generator) -> np.ndarray:
     folds = np.arange(n) % n_folds
     return folds[rng.permutation(n)]
@@ -147,12 +168,17 @@ def simulate_patients(
     n_patients: int | None = None,
     n_folds: int = 5,
     seed: int = 0,
+    resemblance: float = 0.0,
+    descriptors=None,
 ) -> SimulatedPatients:
     """Simulate patients (see the module docstring).
 
     n_patients None: every real patient once (the exact real distribution of profiles);
-    otherwise that many real patients drawn with replacement.
+    otherwise that many real patients drawn with replacement. resemblance > 0 needs
+    ``descriptors`` (one row per pool image, e.g. ``colour_descriptor``).
     """
+    if not 0.0 <= resemblance <= 1.0:
+        raise ValueError(f"resemblance must be in [0, 1], got {resemblance}")
     rng = np.random.default_rng(seed)
     profiles = patient_profiles(rows)
     real_ids = list(profiles)
@@ -162,6 +188,15 @@ def simulate_patients(
         chosen = [real_ids[i] for i in rng.integers(0, len(real_ids), size=n_patients)]
     lesions, lesion_cls = pool_lesions(pool_target, pool_lesion)
     pool_t = np.asarray(pool_target, dtype=np.int64)
+    lesion_desc = None
+    if resemblance > 0:
+        if descriptors is None:
+            raise ValueError("resemblance > 0 needs descriptors of the pool images")
+        d = np.asarray(descriptors, dtype=np.float64)
+        if d.ndim != 2 or d.shape[0] != len(pool_t):
+            raise ValueError(f"descriptors must have one row per pool image ({len(pool_t)}), got {d.shape}")
+        d = (d - d.mean(0)) / np.where(d.std(0) > 1e-12, d.std(0), 1.0)
+        lesion_desc = np.stack([d[idx].mean(0) for idx in lesions])  # a lesion = its images' mean
     # Deal pool lesions into folds, stratified by class.
     lesion_fold = np.empty(len(lesions), dtype=np.int64)
     for c in (0, 1):
@@ -194,13 +229,33 @@ def simulate_patients(
             perm = candidates[rng.permutation(len(candidates))]
             pos = 0
             filled = 0
+            # Resembling draws (benign rows only): candidates nearest to the patient's signature.
+            alike, used = None, set()
+            if c == 0 and lesion_desc is not None:
+                signature = lesion_desc[int(candidates[rng.integers(len(candidates))])]
+                dist = np.linalg.norm(lesion_desc[candidates] - signature, axis=1)
+                alike = candidates[np.argsort(dist, kind="stable")].tolist()
             while filled < len(need):
-                if pos == len(perm):  # pool of this fold/class exhausted: reuse (counted)
-                    perm = candidates[rng.permutation(len(candidates))]
-                    pos = 0
-                    reuse_within_patient += 1
-                images = lesions[int(perm[pos])]
-                pos += 1
+                if alike is not None and rng.random() < resemblance:
+                    while alike and alike[0] in used:
+                        alike.pop(0)
+                    if alike:
+                        lesion_index = alike.pop(0)
+                    else:  # every lesion of this fold/class used: reuse (counted)
+                        alike = None
+                        continue
+                else:
+                    if pos == len(perm):  # pool of this fold/class exhausted: reuse (counted)
+                        perm = candidates[rng.permutation(len(candidates))]
+                        pos = 0
+                        used = set()
+                        reuse_within_patient += 1
+                    lesion_index = int(perm[pos])
+                    pos += 1
+                    if lesion_index in used:
+                        continue
+                used.add(lesion_index)
+                images = lesions[lesion_index]
                 take = images[: len(need) - filled]
                 first = need[filled]
                 for j, img in enumerate(take):
@@ -250,5 +305,6 @@ def simulate_patients(
         "pool_images": int(len(pool_t)),
         "mean_uses_per_pool_image": float(used[used > 0].mean()) if (used > 0).any() else 0.0,
         "pool_exhausted_within_a_patient": reuse_within_patient,
+        "resemblance": resemblance,
     }
     return sim

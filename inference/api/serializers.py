@@ -14,11 +14,12 @@ class ModelVersionSummarySerializer(serializers.ModelSerializer):
 class ModelVersionSerializer(serializers.ModelSerializer):
     roc_auc = serializers.SerializerMethodField()
     has_context_model = serializers.SerializerMethodField()
+    context_model = serializers.SerializerMethodField()
 
     class Meta:
         model = ModelVersion
         fields = ["id", "name", "architecture", "input_size", "sha256", "metrics", "roc_auc", "threshold",
-                  "validated", "is_active", "has_context_model", "card", "installed_at"]
+                  "validated", "is_active", "has_context_model", "context_model", "card", "installed_at"]
         read_only_fields = fields
 
     @extend_schema_field(serializers.FloatField(allow_null=True))
@@ -29,6 +30,11 @@ class ModelVersionSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.BooleanField())
     def get_has_context_model(self, obj) -> bool:
         return bool(obj.context_model)
+
+    @extend_schema_field(serializers.JSONField(allow_null=True))
+    def get_context_model(self, obj):
+        """Training data (simulated or real patients, assumed resemblance), metrics, threshold."""
+        return obj.context_model_summary
 
 
 class AnalysisSerializer(serializers.ModelSerializer):

@@ -34,13 +34,16 @@ def write_isic_like(path, n_patients=60, seed=0):
     return path
 
 
-def write_oof(tmp_path, oof):
+def write_oof(tmp_path, oof, one_network=True):
+    """OOF CSV + embeddings. one_network: rows carry one embedding_model (a `training embed`
+    pool); otherwise only a fold column (a `train` export: one network per fold)."""
     path = tmp_path / "oof.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["image_id", "target", "oof", "group", "fold"])
+        w.writerow(["image_id", "target", "oof", "group", "fold"] + (["embedding_model"] if one_network else []))
         for i in range(len(oof)):
-            w.writerow([oof.image_id[i], oof.target[i], oof.prob[i], f"l:{oof.lesion_id[i]}", i % 5])
+            w.writerow([oof.image_id[i], oof.target[i], oof.prob[i], f"l:{oof.lesion_id[i]}", i % 5]
+                       + (["abc123"] if one_network else []))
     np.save(tmp_path / "emb.npy", oof.embeddings)
     return str(path), str(tmp_path / "emb.npy")
 
@@ -116,6 +119,75 @@ def test_training_on_small_synthetic_data(tmp_path):
     # the worker's numpy application reproduces the model on fresh features
     X = cf.patient_features([0.2, 0.7], ["A", "B"], embeddings=np.eye(2, 16))
     assert np.all((cf.apply_context_model(model, X) > 0) & (cf.apply_context_model(model, X) < 1))
+
+
+def test_simulation_refuses_a_pool_embedded_by_several_networks(tmp_path):
+    meta = write_isic_like(tmp_path / "meta.csv", n_patients=40)
+    oof_csv, emb = write_oof(tmp_path, cm.synthetic_oof(300, dim=8, seed=2), one_network=False)
+    with pytest.raises(SystemExit, match="5 networks.*training embed"):
+        cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
+                 "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "context_model.json").exists()
+
+
+def _within_patient_spread(sim, desc, cls=0):
+    """Mean distance of a patient's class-`cls` images from their centroid (standardized descriptors)."""
+    d = (desc - desc.mean(0)) / desc.std(0)
+    out = []
+    for a, b in sim.patient_slices():
+        idx = sim.pool_index[a:b][sim.target[a:b] == cls]
+        if len(idx) >= 3:
+            out.append(np.linalg.norm(d[idx] - d[idx].mean(0), axis=1).mean())
+    return float(np.mean(out))
+
+
+def test_resemblance_makes_a_patients_benign_lesions_alike_and_keeps_profiles(tmp_path):
+    rows = read_isic_metadata(write_isic_like(tmp_path / "meta.csv", n_patients=80))
+    oof = cm.synthetic_oof(1500, dim=8, seed=1)
+    desc = np.random.default_rng(0).normal(size=(len(oof), 4))
+    plain = simulate_patients(rows, oof.target, oof.lesion_id, n_folds=3, seed=3)
+    alike = simulate_patients(rows, oof.target, oof.lesion_id, n_folds=3, seed=3, resemblance=1.0,
+                              descriptors=desc)
+    assert collections.Counter(alike.profiles()) == collections.Counter(plain.profiles())
+    np.testing.assert_array_equal(alike.target, oof.target[alike.pool_index])
+    assert alike.stats["resemblance"] == 1.0 and plain.stats["resemblance"] == 0.0
+    # benign lesions of one patient are much closer together; melanoma rows are not drawn by resemblance
+    assert _within_patient_spread(alike, desc) < 0.8 * _within_patient_spread(plain, desc)
+    for a, b in alike.patient_slices():
+        assert len(set(alike.fold[a:b].tolist())) == 1
+    with pytest.raises(ValueError, match="descriptors"):
+        simulate_patients(rows, oof.target, oof.lesion_id, resemblance=0.5)
+    with pytest.raises(ValueError, match="resemblance"):
+        simulate_patients(rows, oof.target, oof.lesion_id, resemblance=1.5, descriptors=desc)
+
+
+def test_context_command_compares_resemblance_levels_and_checks_the_odd_one_out(tmp_path):
+    meta = write_isic_like(tmp_path / "meta.csv", n_patients=120)
+    oof = cm.synthetic_oof(1000, dim=16, seed=2)
+    oof_csv, emb = write_oof(tmp_path, oof)
+    desc_path = tmp_path / "colour.npy"
+    # descriptors that follow the embeddings (as colour follows appearance)
+    np.save(desc_path, np.asarray(oof.embeddings, dtype=np.float64)[:, :6])
+    out = tmp_path / "out"
+    assert cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
+                    "--descriptors", str(desc_path), "--resemblance", "0.75,0", "--out", str(out),
+                    "--seeds", "0", "--folds", "3"]) == 0
+    model = json.loads((out / "context_model.json").read_text())
+    report = json.loads((out / "context_report.json").read_text())
+    assert model["training_data"]["resemblance"] == 0.75
+    assert "resemblance 0.75" in model["training_data"]["description"]
+    sim = report["simulated_patients"]
+    assert sim["resemblance"] == 0.75 and set(sim["resemblance_comparison_pooled_auc"]) == {"0.75", "0.0"}
+    check = report["odd_one_out_check"]
+    assert 0 <= check["final_score_higher_as_odd_one_out"] <= 1
+    # synthetic melanoma embeddings are shifted away from the benign cluster: the odd one out is seen
+    assert check["ud_distance_higher_as_odd_one_out"] > 0.5
+    with pytest.raises(SystemExit, match="descriptors"):
+        cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
+                 "--resemblance", "0.5", "--out", str(tmp_path / "o2")])
+    with pytest.raises(SystemExit, match="resemblance"):
+        cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
+                 "--descriptors", str(desc_path), "--resemblance", "2", "--out", str(tmp_path / "o3")])
 
 
 def test_real_patient_ids_are_used(tmp_path):

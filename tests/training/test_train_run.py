@@ -80,10 +80,43 @@ def test_rerun_resumes_and_evaluate_prints_json(run, capsys):
         assert k in res
 
 
+def test_embed_builds_a_one_network_pool_from_the_shipped_folds_held_out_images(run, tmp_path, capsys):
+    from training import context_model as cm
+    from training.hashing import file_sha256
+
+    data, out, export = run
+    card = json.load(open(os.path.join(export, "card.json")))
+    fold = card["metrics"]["shipped_fold_on_its_validation"]["fold"]
+    oof_path = os.path.join(export, "oof_predictions.csv")
+    # the export's OOF embeddings come from one network per fold: simulation must refuse them
+    export_oof = cm.read_oof(oof_path, os.path.join(export, "oof_embeddings.npy"))
+    with pytest.raises(ValueError, match="training embed"):
+        cm.check_one_embedding_space(export_oof, per_patient=False)
+    capsys.readouterr()
+    assert cli_main(["embed", "--checkpoint", os.path.join(export, "model.pt"), "--oof", oof_path,
+                     "--data", data, "--out", str(tmp_path)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with open(oof_path) as f:
+        held_out = [r for r in csv.DictReader(f) if int(r["fold"]) == fold]
+    assert res["fold"] == fold and res["n"] == len(held_out) > 0
+    # the same network on the same images: the exported OOF logits come back (fp16 weights, bf16)
+    assert res["max_abs_logit_diff_vs_oof"] < 0.1
+    pool = cm.read_oof(str(tmp_path / "context_pool.csv"), str(tmp_path / "context_pool_embeddings.npy"))
+    assert pool.image_id == [r["image_id"] for r in held_out]
+    assert set(pool.embedding_space) == {f"embedding_model:{file_sha256(os.path.join(export, 'model.pt'))}"}
+    cm.check_one_embedding_space(pool, per_patient=False)
+    colour = np.load(tmp_path / "context_pool_colour.npy")
+    assert colour.shape == (len(held_out), 12) and np.isfinite(colour).all()
+    # a fold without images is a clear error, not an empty pool
+    assert cli_main(["embed", "--checkpoint", os.path.join(export, "model.pt"), "--oof", oof_path,
+                     "--data", data, "--out", str(tmp_path / "x"), "--fold", "7"]) == 2
+    assert "no image is in fold 7" in capsys.readouterr().err
+
+
 def test_help(capsys):
     assert cli_main(["--help"]) == 0
     assert "evaluate" in capsys.readouterr().out
-    for sub in ("train", "evaluate", "export"):
+    for sub in ("train", "evaluate", "export", "embed"):
         with pytest.raises(SystemExit) as e:
             cli_main([sub, "--help"])
         assert e.value.code == 0
