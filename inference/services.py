@@ -101,6 +101,10 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
             raise ModelInstallError(
                 f"{src} is already installed as model version {existing.name!r} (sha256 {sha[:12]}...); "
                 "nothing to do (use --skip-if-installed to accept this)")
+        ctx_path = Path(context_model_path) if context_model_path else src.parent / "context_model.json"
+        if context_model_path or ctx_path.is_file():
+            replace_context_model(model_version=existing,
+                                  context_model=_read_json(ctx_path, "context model"))
         if activate and not existing.is_active:
             activate_model_version(model_version=existing)
         return existing
@@ -114,6 +118,7 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
     ctx_path = Path(context_model_path) if context_model_path else src.parent / "context_model.json"
     if context_model_path or ctx_path.is_file():
         context_model = _read_json(ctx_path, "context model")
+        _check_context_model(context_model, ctx_path)
 
     architecture = str(card.get("architecture") or card.get("backbone") or "se_resnet50")
     input_size = int(card.get("input_size") or 224)
@@ -151,6 +156,38 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
     if activate:
         activate_model_version(model_version=version)
     return version
+
+
+def _check_context_model(context_model, path=None) -> None:
+    from training.context_features import validate_context_model
+
+    try:
+        validate_context_model(context_model)
+    except ValueError as exc:
+        raise ModelInstallError(f"context model{f' {path}' if path else ''}: {exc}") from exc
+
+
+def replace_context_model(*, model_version: ModelVersion, context_model: dict) -> int:
+    """Give an installed version a new patient-context model (a retrained one shipped beside the
+    same checkpoint) and re-score, after commit, every patient with results of that version.
+    Returns the number of patients queued; 0 and nothing changed when the model is the same."""
+    _check_context_model(context_model)
+    if model_version.context_model == context_model:
+        return 0
+    from .tasks import rescore_patient
+
+    with transaction.atomic():
+        ModelVersion.objects.filter(pk=model_version.pk).update(context_model=context_model)
+        model_version.context_model = context_model
+        patient_ids = sorted(set(Analysis.objects.filter(
+            model_version=model_version, status=Analysis.Status.DONE,
+        ).values_list("image__lesion__patient_id", flat=True)))
+        for pid in patient_ids:
+            rescore_patient.delay_on_commit(pid, model_version.pk)
+    log.info("model version %s: context model replaced; re-scoring %d patients", model_version.name,
+             len(patient_ids))
+    model_version.context_model_replaced = True
+    return len(patient_ids)
 
 
 def activate_model_version(*, model_version: ModelVersion) -> int:

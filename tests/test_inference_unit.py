@@ -132,17 +132,27 @@ def test_bf16_is_used_only_within_tolerance_of_fp32(tiny_ckpt):
 
 # ---------------------------------------------------------------------- install_model
 
+CONTEXT_MODEL = {
+    "format": "melanoma-records/context-model", "kind": "logistic_regression", "feature_version": 1,
+    "feature_names": ["logit_prob", "ud_distance"], "means": [-1.0, 0.1], "scales": [1.0, 0.1],
+    "coefficients": [1.0, 0.5], "intercept": -2.0, "threshold": 0.2,
+}
+
 def test_install_validates_copies_and_records(tiny_ckpt, settings, tmp_path):
     card = tmp_path / "card.json"
     card.write_text(json.dumps({"metrics": {"roc_auc": 0.9, "roc_auc_ci": [0.85, 0.94]}, "threshold": 0.3,
                                 "validated": True}))
     ctx = tmp_path / "ctx.json"
     ctx.write_text(json.dumps({"kind": "logistic", "coef": [1.0]}))
+    with pytest.raises(services.ModelInstallError, match="context model .*ctx.json: unsupported context model kind"):
+        services.install_model_version(checkpoint_path=tiny_ckpt, name="tiny", context_model_path=ctx)
+    assert not ModelVersion.objects.exists()
+    ctx.write_text(json.dumps(CONTEXT_MODEL))
     v = services.install_model_version(checkpoint_path=tiny_ckpt, name="tiny", card_path=card,
                                        context_model_path=ctx)
     assert (v.architecture, v.input_size, v.threshold, v.validated) == ("se_resnet50", 64, 0.3, True)
     assert v.metrics["roc_auc"] == 0.9 and v.roc_auc_ci == (0.85, 0.94)
-    assert v.context_model == {"kind": "logistic", "coef": [1.0]}
+    assert v.context_model == CONTEXT_MODEL
     stored = Path(settings.MODEL_ROOT) / v.weights_path
     assert stored.name == f"{v.sha256}.pt" and stored.read_bytes() == tiny_ckpt.read_bytes()
     assert not v.is_active and v.validation_report["probe_size"] == 64
@@ -151,6 +161,40 @@ def test_install_validates_copies_and_records(tiny_ckpt, settings, tmp_path):
         services.install_model_version(checkpoint_path=tiny_ckpt)
     again = services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True, activate=True)
     assert again.pk == v.pk and ModelVersion.objects.get(pk=v.pk).is_active
+    assert ModelVersion.objects.get(pk=v.pk).context_model == CONTEXT_MODEL
+
+
+def test_reinstall_with_a_retrained_context_model_replaces_it_and_rescores_after_commit(
+        tiny_ckpt, tmp_path, monkeypatch, django_capture_on_commit_callbacks):
+    from inference import tasks
+
+    ctx = tmp_path / "ctx.json"
+    ctx.write_text(json.dumps(CONTEXT_MODEL))
+    v = services.install_model_version(checkpoint_path=tiny_ckpt, context_model_path=ctx)
+    lesion = LesionFactory()
+    img = make_image(lesion)
+    Analysis.objects.filter(image=img).delete()
+    Analysis.objects.create(image=img, model_version=v, status=Analysis.Status.DONE, probability=0.4)
+    sent = []
+    monkeypatch.setattr(tasks.rescore_patient, "delay", lambda *a: sent.append(a))
+    # the same context model again: nothing changes, nothing is queued
+    with django_capture_on_commit_callbacks(execute=True):
+        services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True, context_model_path=ctx)
+    assert sent == []
+    retrained = {**CONTEXT_MODEL, "intercept": -1.0}
+    ctx.write_text(json.dumps(retrained))
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        again = services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True,
+                                               context_model_path=ctx)
+        assert sent == []  # not before the commit
+    assert callbacks and again.pk == v.pk and again.context_model_replaced
+    assert ModelVersion.objects.get(pk=v.pk).context_model == retrained
+    assert sent == [(lesion.patient_id, v.pk)]
+    # a broken one is refused and the installed one kept
+    ctx.write_text(json.dumps({**CONTEXT_MODEL, "coefficients": [1.0]}))
+    with pytest.raises(services.ModelInstallError, match="coefficients"):
+        services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True, context_model_path=ctx)
+    assert ModelVersion.objects.get(pk=v.pk).context_model == retrained
 
 
 def test_install_refuses_what_is_not_a_model(tmp_path):

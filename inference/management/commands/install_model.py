@@ -19,7 +19,8 @@ class Command(BaseCommand):
                             "beside the checkpoint, if present).")
         parser.add_argument("--skip-if-installed", action="store_true",
                             help="If this exact file is already installed, report it (and --activate it) "
-                                 "instead of refusing.")
+                                 "instead of refusing; a changed context model beside it replaces the "
+                                 "installed one and re-scores that version's patients.")
         parser.add_argument("--probe-size", type=int, help="Input size of the validation run (default: the "
                             "card's input size).")
 
@@ -35,7 +36,10 @@ class Command(BaseCommand):
         report = getattr(version, "validation_report", None)
         if report is None:
             self.stdout.write(f"already installed: {version.name} (sha256 {version.sha256[:12]}…)"
-                              + (" [active]" if version.is_active else ""))
+                              + (" [active]" if version.is_active else "")
+                              + ("; its context model was replaced by the new one beside the checkpoint "
+                                 "and its patients are being re-scored"
+                                 if getattr(version, "context_model_replaced", False) else ""))
             return
         auc = version.roc_auc
         self.stdout.write(self.style.SUCCESS(
