@@ -83,6 +83,17 @@ def validate_checkpoint(*, checkpoint_path, probe_size: int | None = None) -> tu
     return card, report
 
 
+def _context_model_for(checkpoint: Path, context_model_path=None) -> dict | None:
+    """The validated context model given, else the ``context_model.json`` beside the checkpoint,
+    else None."""
+    path = Path(context_model_path) if context_model_path else checkpoint.parent / "context_model.json"
+    if not (context_model_path or path.is_file()):
+        return None
+    context_model = _read_json(path, "context model")
+    _check_context_model(context_model, path)
+    return context_model
+
+
 def install_model_version(*, checkpoint_path, name: str | None = None, activate: bool = False,
                           card_path=None, context_model_path=None, probe_size: int | None = None,
                           skip_if_installed: bool = False) -> ModelVersion:
@@ -101,10 +112,9 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
             raise ModelInstallError(
                 f"{src} is already installed as model version {existing.name!r} (sha256 {sha[:12]}...); "
                 "nothing to do (use --skip-if-installed to accept this)")
-        ctx_path = Path(context_model_path) if context_model_path else src.parent / "context_model.json"
-        if context_model_path or ctx_path.is_file():
-            replace_context_model(model_version=existing,
-                                  context_model=_read_json(ctx_path, "context model"))
+        context_model = _context_model_for(src, context_model_path)
+        if context_model is not None:
+            replace_context_model(model_version=existing, context_model=context_model)
         if activate and not existing.is_active:
             activate_model_version(model_version=existing)
         return existing
@@ -114,11 +124,7 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
     card, report = validate_checkpoint(checkpoint_path=src, probe_size=probe_size)
     if card_path:
         card.update(_read_json(Path(card_path), "model card"))
-    context_model = None
-    ctx_path = Path(context_model_path) if context_model_path else src.parent / "context_model.json"
-    if context_model_path or ctx_path.is_file():
-        context_model = _read_json(ctx_path, "context model")
-        _check_context_model(context_model, ctx_path)
+    context_model = _context_model_for(src, context_model_path)
 
     architecture = str(card.get("architecture") or card.get("backbone") or "se_resnet50")
     input_size = int(card.get("input_size") or 224)

@@ -32,6 +32,23 @@ def visible_patients(user):
     return Patient.objects.visible_to(user)
 
 
+def save_changes(request, form, update, *, saved: str) -> bool:
+    """Hand a valid edit form's changed fields to ``update(data)`` (a service call). True when it
+    worked (a success message is queued); service refusals become form errors and False."""
+    data = {name: form.cleaned_data[name] for name in form.changed_data}
+    try:
+        if data:
+            update(data)
+    except ValidationError as e:
+        add_service_errors(form, e)
+        return False
+    except PermissionDenied as e:
+        form.add_error(None, str(e) or NO_PERMISSION)
+        return False
+    messages.success(request, saved if data else "Nothing changed.")
+    return True
+
+
 def get_patient(request, pk):
     return get_object_or_404(visible_patients(request.user).select_related("care_team"), pk=pk)
 
@@ -140,18 +157,10 @@ def patient_create(request):
 def patient_edit(request, pk):
     patient = get_patient(request, pk)
     form = PatientForm(request.POST or None, instance=get_patient(request, pk), user=request.user)
-    if request.method == "POST" and form.is_valid():
-        data = {name: form.cleaned_data[name] for name in form.changed_data}
-        try:
-            if data:
-                services.update_patient(user=request.user, patient=patient, data=data)
-        except ValidationError as e:
-            add_service_errors(form, e)
-        except PermissionDenied as e:
-            form.add_error(None, str(e) or NO_PERMISSION)
-        else:
-            messages.success(request, "Patient details saved." if data else "Nothing changed.")
-            return redirect("patients:patient_detail", pk=patient.pk)
+    if request.method == "POST" and form.is_valid() and save_changes(
+            request, form, lambda data: services.update_patient(user=request.user, patient=patient, data=data),
+            saved="Patient details saved."):
+        return redirect("patients:patient_detail", pk=patient.pk)
     return render(request, "patients/patient_form.html", {
         "form": form, "patient": patient, "title": f"Edit {patient.name}", "submit": "Save changes",
         "cancel_url": reverse("patients:patient_detail", args=[patient.pk]),
@@ -214,18 +223,10 @@ def lesion_detail(request, pk):
 def lesion_edit(request, pk):
     lesion = get_lesion(request, pk)
     form = LesionForm(request.POST or None, instance=get_lesion(request, pk))
-    if request.method == "POST" and form.is_valid():
-        data = {name: form.cleaned_data[name] for name in form.changed_data}
-        try:
-            if data:
-                services.update_lesion(user=request.user, lesion=lesion, data=data)
-        except ValidationError as e:
-            add_service_errors(form, e)
-        except PermissionDenied as e:
-            form.add_error(None, str(e) or NO_PERMISSION)
-        else:
-            messages.success(request, "Lesion saved." if data else "Nothing changed.")
-            return redirect("patients:lesion_detail", pk=lesion.pk)
+    if request.method == "POST" and form.is_valid() and save_changes(
+            request, form, lambda data: services.update_lesion(user=request.user, lesion=lesion, data=data),
+            saved="Lesion saved."):
+        return redirect("patients:lesion_detail", pk=lesion.pk)
     return render(request, "patients/lesion_form.html", {
         "form": form, "patient": lesion.patient, "lesion": lesion, "title": f"Edit lesion {lesion.label}",
         "submit": "Save changes", "cancel_url": reverse("patients:lesion_detail", args=[lesion.pk]),

@@ -10,7 +10,8 @@ from django.urls import NoReverseMatch, include, path, reverse
 from inference.context import rescore_patient
 from inference.models import Analysis
 from tests.factories import LesionFactory, PatientFactory
-from tests.test_context_rescore import DIM, UD_MODEL, add_image, make_version, similar_patient
+from tests.test_context_rescore import (DIM, UD_MODEL, add_image, bundled_context_model, make_version,
+                                        similar_patient)
 
 
 def _lesion_stub(request, pk):  # pragma: no cover - only its URL is reversed
@@ -129,11 +130,7 @@ def test_exported_model_is_named_simulated_patients_on_the_page(tmp_path):
 
 @pytest.mark.django_db
 def test_bundled_context_model_names_its_assumed_resemblance_on_the_page():
-    import json
-    from pathlib import Path
-
-    model = json.loads((Path(__file__).resolve().parent.parent / "models" / "demo" / "context_model.json").read_text())
-    version = make_version(model, is_active=True)
+    version = make_version(bundled_context_model(), is_active=True)
     patient, _, _ = similar_patient(version, n=3)
     rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
     html = render(patient)

@@ -14,6 +14,7 @@ from django.utils import timezone
 from inference import services
 from inference.models import Analysis, ModelVersion
 from tests.factories import LesionFactory
+from tests.test_context_rescore import UD_MODEL as CONTEXT_MODEL
 from tests.worker_utils import ROOT, make_image, register_version, tiny_ckpt  # noqa: F401
 
 pytestmark = pytest.mark.django_db
@@ -132,11 +133,6 @@ def test_bf16_is_used_only_within_tolerance_of_fp32(tiny_ckpt):
 
 # ---------------------------------------------------------------------- install_model
 
-CONTEXT_MODEL = {
-    "format": "melanoma-records/context-model", "kind": "logistic_regression", "feature_version": 1,
-    "feature_names": ["logit_prob", "ud_distance"], "means": [-1.0, 0.1], "scales": [1.0, 0.1],
-    "coefficients": [1.0, 0.5], "intercept": -2.0, "threshold": 0.2,
-}
 
 def test_install_validates_copies_and_records(tiny_ckpt, settings, tmp_path):
     card = tmp_path / "card.json"

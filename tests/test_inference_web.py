@@ -179,11 +179,9 @@ def test_model_versions_api_is_read_only(api):
 
 
 def test_model_version_api_says_what_the_context_model_was_trained_on(api):
-    import json
-    from pathlib import Path
+    from tests.test_context_rescore import bundled_context_model
 
-    cm = json.loads((Path(__file__).resolve().parent.parent / "models" / "demo" / "context_model.json").read_text())
-    v = version(context_model=cm)
+    v = version(context_model=bundled_context_model())
     item = api.get(f"/api/v1/model-versions/{v.pk}/").json()
     assert item["has_context_model"] is True
     summary = item["context_model"]

@@ -46,7 +46,7 @@ from sklearn.preprocessing import StandardScaler
 
 from . import context_features as cf
 from .hashing import file_sha256
-from .simulate import read_isic_metadata, simulate_patients
+from .simulate import read_isic_metadata, simulate_patients, standardize
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ISIC_METADATA = os.path.normpath(os.path.join(
@@ -419,8 +419,7 @@ def odd_one_out_check(oof: OOFData, descriptors, model: dict, n_trials: int = 50
     and final score are higher in A (as the odd one out) than in B, and the median score ratio.
     """
     rng = np.random.default_rng(seed)
-    d = np.asarray(descriptors, dtype=np.float64)
-    d = (d - d.mean(0)) / np.where(d.std(0) > 1e-12, d.std(0), 1.0)
+    d = standardize(descriptors)
     benign, melanoma = np.flatnonzero(oof.target == 0), np.flatnonzero(oof.target == 1)
     if len(benign) <= n_similar or not len(melanoma):
         return {}

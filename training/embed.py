@@ -114,8 +114,9 @@ def main(argv=None) -> int:
     np.save(colour_path, np.stack([colour_descriptor(a) for a in arrays]).astype(np.float32))
     # How far the re-scored logits are from the exported OOF ones (same network, same images):
     # a sanity check that the pool really is the checkpoint's own held-out fold.
-    old = np.array([float(r["logit"]) for r in rows if r.get("logit") not in (None, "")])
-    diff = float(np.max(np.abs(old - logits[:len(old)]))) if len(old) == len(rows) else None
+    exported = [r.get("logit") for r in rows]
+    diff = (float(np.max(np.abs(np.array(exported, dtype=np.float64) - logits)))
+            if all(v not in (None, "") for v in exported) else None)
     print(json.dumps({"pool": csv_path, "embeddings": npy_path, "colour_descriptors": colour_path, "fold": fold, "n": len(rows),
                       "n_melanoma": int(sum(int(float(r["target"])) for r in rows)),
                       "embedding_model": sha, "input_size": size, "tta": tta,

@@ -142,6 +142,13 @@ def colour_descriptor(rgb) -> np.ndarray:
     return np.concatenate([x.mean(0), x.std(0), x[order[:q]].mean(0), x[order[-q:]].mean(0)])
 
 
+def standardize(values) -> np.ndarray:
+    """Columns to mean 0, sd 1 (constant columns: centred only)."""
+    d = np.asarray(values, dtype=np.float64)
+    sd = d.std(0)
+    return (d - d.mean(0)) / np.where(sd > 1e-12, sd, 1.0)
+
+
 def _deal(n: int, n_folds: int, rng: np.random.Generator) -> np.ndarray:
     folds = np.arange(n) % n_folds
     return folds[rng.permutation(n)]
@@ -195,7 +202,7 @@ def simulate_patients(
         d = np.asarray(descriptors, dtype=np.float64)
         if d.ndim != 2 or d.shape[0] != len(pool_t):
             raise ValueError(f"descriptors must have one row per pool image ({len(pool_t)}), got {d.shape}")
-        d = (d - d.mean(0)) / np.where(d.std(0) > 1e-12, d.std(0), 1.0)
+        d = standardize(d)
         lesion_desc = np.stack([d[idx].mean(0) for idx in lesions])  # a lesion = its images' mean
     # Deal pool lesions into folds, stratified by class.
     lesion_fold = np.empty(len(lesions), dtype=np.int64)
