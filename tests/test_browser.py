@@ -93,7 +93,9 @@ def test_clinician_creates_patient_and_lesion_and_uploads_three_images(live_serv
     page.get_by_role("button", name="Add lesion").click()
     expect(page.get_by_role("heading", name="L1 upper back", level=1)).to_be_visible()
 
-    # The drop zone puts dropped files into the same <input type=file multiple> and lists them.
+    # The drop zone puts dropped files into the same <input type=file multiple> and lists them
+    # (once upload.js, loaded deferred, has set the zone up: it marks it with .dropzone-js).
+    expect(page.locator("[data-dropzone].dropzone-js")).to_have_count(1)
     dropped = page.evaluate("""() => {
         const zone = document.querySelector('[data-dropzone]');
         const dt = new DataTransfer();
