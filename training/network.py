@@ -68,9 +68,16 @@ class MelanomaNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(EMBEDDING_DIM, 1)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map (N, C, h, w): what explanation heatmaps look at."""
+        return self.backbone.features(x)
+
+    def logit_from_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """The logit (N,) from a ``feature_map`` output (pooling and head, no dropout)."""
+        return self.head(torch.flatten(self.pool(fmap), 1)).squeeze(1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.backbone.features(x)
-        return torch.flatten(self.pool(x), 1)
+        return torch.flatten(self.pool(self.feature_map(x)), 1)
 
     def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.forward_features(x)
