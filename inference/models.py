@@ -88,6 +88,9 @@ class Analysis(models.Model):
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="analyses")
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     probability = models.FloatField(null=True, blank=True, help_text="Image-only melanoma probability.")
+    member_probabilities = models.JSONField(
+        null=True, blank=True,
+        help_text="Each member network's own probability, by member name (ensemble versions).")
     embedding = models.BinaryField(null=True, blank=True, editable=False, help_text="float32 image embedding.")
     # Patient context (filled by the re-scoring pass over all of the patient's images).
     context_features = models.JSONField(null=True, blank=True)

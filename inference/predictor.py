@@ -4,12 +4,16 @@ The web process never imports this module; the worker imports it lazily inside i
 the prefork worker has forked), so the model is loaded once per worker *process* and kept in a
 module-level cache keyed by the model version (its weights SHA-256).
 
-Inference path (the same for the worker, ``install_model``'s validation run and the benchmark):
-``training.preprocessing.load_rgb`` (JPEG draft mode: never a full-resolution decode) ->
-``to_batch`` (ImageNet normalisation, channels_last) -> ``MelanomaNet.forward_tta`` (flip TTA when
-the model card's metrics were measured with it, as the demo model's were) under ``torch.inference_mode()``, in bf16 autocast only where the CPU supports bf16 natively AND a
-probe batch shows the probabilities stay within ``ANALYSIS_BF16_TOLERANCE`` of fp32 (decided once
-per process and model, logged).
+A model version is a *bundle* (``training.ensemble``): one network, or several member networks and
+a combiner learnt on held-out predictions. Inference path (the same for the worker,
+``install_model``'s validation run, ``python -m training evaluate`` and the benchmark):
+``Bundle.decode`` (``training.preprocessing.load_rgb`` once per member input size: JPEG draft mode,
+never a full-resolution decode) -> ``Bundle.predict_arrays`` (each member: its own normalisation,
+channels_last, flip TTA when its card says its metrics were measured with it; then the combiner)
+under ``torch.inference_mode()``. Precision per member is chosen by measurement on this machine
+(``training.runtime.choose_precision``: bf16 only where measured faster and within
+``ANALYSIS_BF16_TOLERANCE`` of fp32), decided once per process and model, logged and recorded in
+each analysis' timings.
 """
 from __future__ import annotations
 
@@ -23,12 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.network import EMBEDDING_DIM, load_checkpoint
-from training.preprocessing import load_rgb, to_batch
+from training.ensemble import Bundle, load_bundle
+from training.runtime import DEFAULT_TOLERANCE as DEFAULT_BF16_TOLERANCE
+from training.runtime import bf16_available, choose_precision, probe_arrays  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BF16_TOLERANCE = 0.01  # max |p_bf16 - p_fp32| on the probe batch
 
 _threads_configured = False
 
@@ -59,49 +62,30 @@ def configure_threads(n: int | None = None) -> int:
 
 def bf16_supported() -> bool:
     """True where the CPU has native bf16 (AVX512-BF16 or AMX) that oneDNN uses."""
-    if os.environ.get("ANALYSIS_DISABLE_BF16", "").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:  # noqa: BLE001 -- older builds / other platforms
-        return False
-
-
-def probe_arrays(size: int, n: int = 4, seed: int = 1234) -> list[np.ndarray]:
-    """Deterministic, lesion-like uint8 images (skin background, dark irregular blob, noise)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    for _ in range(n):
-        cx, cy = size * (0.3 + 0.4 * rng.random(2))
-        r = size * (0.15 + 0.2 * rng.random())
-        ang = np.arctan2(yy - cy, xx - cx)
-        inside = np.hypot(xx - cx, yy - cy) < r * (1 + 0.2 * np.sin(3 * ang + rng.random() * 6))
-        img = np.empty((size, size, 3), np.float32)
-        img[...] = rng.uniform(150, 230, 3)
-        img[inside] = rng.uniform(30, 130, 3)
-        img += rng.normal(0, 8, img.shape)
-        out.append(np.clip(img, 0, 255).astype(np.uint8))
-    return out
+    return bf16_available()
 
 
 @dataclass
 class Prediction:
-    probabilities: np.ndarray  # (N,) float64
-    embeddings: np.ndarray  # (N, 2048) float32
-    logits: np.ndarray  # (N,) float32
+    probabilities: np.ndarray  # (N,) float64: the model version's (ensemble's) probability
+    embeddings: np.ndarray  # (N, D) float32 of the card's embedding member
+    logits: np.ndarray  # (N,) float64: the combiner's logit
     inference_ms: float
     preprocess_ms: float = 0.0
     precision: str = "fp32"
+    member_names: list = field(default_factory=list)
+    member_probabilities: np.ndarray | None = None  # (N, M) each member's own sigmoid(logit)
+
+    def members_of(self, i: int) -> dict:
+        """Image ``i``'s per-member probabilities by member name (what an analysis records)."""
+        if self.member_probabilities is None:
+            return {}
+        return {n: float(p) for n, p in zip(self.member_names, self.member_probabilities[i])}
 
 
 @dataclass
 class Predictor:
-    model: torch.nn.Module
-    card: dict
-    input_size: int
-    use_bf16: bool = False
-    bf16_max_diff: float | None = None
+    bundle: Bundle
     load_ms: float = 0.0
     version_id: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -111,64 +95,106 @@ class Predictor:
     def from_checkpoint(cls, path, *, input_size: int | None = None, bf16: bool | None = None,
                         tolerance: float | None = None, version_id: int | None = None) -> "Predictor":
         t0 = time.perf_counter()
-        model, card = load_checkpoint(str(path), map_location="cpu")
-        model = model.float().eval().to(memory_format=torch.channels_last)
-        size = int(input_size or card.get("input_size") or 224)
-        pred = cls(model=model, card=card, input_size=size, version_id=version_id)
+        bundle = load_bundle(str(path), map_location="cpu").to_channels_last()
+        if input_size and not bundle.is_ensemble:
+            m = bundle.members[0]
+            m.card = dict(m.card, input_size=int(input_size))
+        pred = cls(bundle=bundle, version_id=version_id)
         pred.decide_precision(bf16=bf16, tolerance=tolerance)
         pred.load_ms = (time.perf_counter() - t0) * 1000
         return pred
 
-    def decide_precision(self, *, bf16: bool | None = None, tolerance: float | None = None) -> bool:
-        """Use bf16 autocast only if supported and the probe batch agrees with fp32 within tolerance."""
-        tol = DEFAULT_BF16_TOLERANCE if tolerance in (None, "") else float(tolerance)
-        self.use_bf16, self.bf16_max_diff = False, None
-        if bf16 is False or not bf16_supported():
-            log.info("model %s: fp32 inference (bf16 %s)", self.version_id or "(checkpoint)",
-                     "disabled" if bf16 is False else "not supported natively by this CPU")
-            return False
-        batch = to_batch(probe_arrays(self.input_size))
-        p32 = self._run(batch, bf16=False)[0]
-        p16 = self._run(batch, bf16=True)[0]
-        diff = float(np.max(np.abs(p32 - p16)))
-        self.bf16_max_diff = diff
-        self.use_bf16 = bool(np.isfinite(diff) and diff <= tol)
-        log.info("model %s: bf16 probe max |p_bf16 - p_fp32| = %.5f (tolerance %.5f) -> %s inference",
-                 self.version_id or "(checkpoint)", diff, tol, "bf16" if self.use_bf16 else "fp32")
-        return self.use_bf16
-
-    # ------------------------------------------------------------------ inference
+    # ------------------------------------------------------------------ description
     @property
-    def precision(self) -> str:
-        return "bf16" if self.use_bf16 else "fp32"
+    def card(self) -> dict:
+        return self.bundle.card
+
+    @card.setter
+    def card(self, value: dict) -> None:
+        self.bundle.card = dict(value)
+        if not self.bundle.is_ensemble:  # one network: its card is the version's card
+            self.bundle.members[0].card = dict(value)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The first member network (the only one of a single-checkpoint version)."""
+        return self.bundle.members[0].model
+
+    @property
+    def input_size(self) -> int:
+        return max(self.bundle.input_sizes)
+
+    @input_size.setter
+    def input_size(self, size: int) -> None:
+        if self.bundle.is_ensemble:
+            raise ValueError("an ensemble's members keep their own input sizes")
+        self.bundle.members[0].card = dict(self.bundle.members[0].card, input_size=int(size))
 
     @property
     def tta(self) -> bool:
-        """Flip TTA exactly when the card says its metrics were measured with it."""
-        return bool(self.card.get("tta", False))
+        """Flip TTA exactly when the (members') card says its metrics were measured with it."""
+        return any(m.tta for m in self.bundle.members)
 
-    def _run(self, batch: torch.Tensor, *, bf16: bool):
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, emb = self.model.forward_tta(batch, tta=self.tta)
-        logits = logits.float()
-        probs = torch.sigmoid(logits.double()).numpy()
-        return probs, emb.float().numpy(), logits.numpy()
+    @property
+    def use_bf16(self) -> bool:
+        return bool(self.bundle.amp)
 
-    def load(self, source) -> np.ndarray:
-        """Decode one image (path or binary file object) at the model's input size (draft mode)."""
-        return load_rgb(source, self.input_size)
+    @property
+    def precision(self) -> str:
+        kinds = ["bf16" if i in self.bundle.amp else "fp32" for i in range(len(self.bundle.members))]
+        return kinds[0] if len(set(kinds)) == 1 else "+".join(kinds)
+
+    @property
+    def bf16_max_diff(self) -> float | None:
+        diffs = [r.get("max_abs_diff") for r in self.bundle.precision_report if "max_abs_diff" in r]
+        return max(diffs) if diffs else None
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.bundle.members]
+
+    def decide_precision(self, *, bf16: bool | None = None, tolerance: float | None = None) -> bool:
+        """bf16 autocast per member only where measured faster and within tolerance of fp32
+        (``bf16=False``: fp32; ``bf16=True``: bf16 wherever the CPU offers it natively)."""
+        force = "fp32" if bf16 is False else ("bf16" if bf16 is True and bf16_available() else None)
+        if bf16 is True and not bf16_available():
+            force = "fp32"
+        choice = choose_precision(self.bundle, force=force, tolerance=tolerance)
+        log.info("model %s: precision %s (%s)", self.version_id or "(checkpoint)", choice,
+                 self.bundle.precision_report)
+        return self.use_bf16
+
+    # ------------------------------------------------------------------ inference
+    def load(self, source) -> dict:
+        """Decode one image (path or binary file object) at every member input size (draft mode)."""
+        return self.bundle.decode(source)
+
+    def _by_size(self, arrays) -> dict:
+        items = list(arrays) if not isinstance(arrays, dict) else None
+        if items is None:
+            return arrays
+        if items and isinstance(items[0], dict):
+            return self.bundle.stack(items)
+        if len(self.bundle.input_sizes) != 1:
+            raise ValueError("an ensemble with several input sizes needs decoded images from load()")
+        return {self.bundle.input_sizes[0]: np.stack(items) if items else np.empty((0,))}
 
     def predict_arrays(self, arrays) -> Prediction:
+        """Score decoded images: a list of ``load()`` results, or uint8 HxWx3 arrays at the input
+        size of a single-size model."""
         t0 = time.perf_counter()
-        batch = to_batch(arrays)
+        by_size = self._by_size(arrays)
         t1 = time.perf_counter()
         with self.lock:
-            probs, emb, logits = self._run(batch, bf16=self.use_bf16)
+            out = self.bundle.predict_arrays(by_size)
         t2 = time.perf_counter()
-        if emb.shape != (len(probs), EMBEDDING_DIM):
-            raise ValueError(f"model returned embeddings of shape {emb.shape}, expected (N, {EMBEDDING_DIM})")
-        return Prediction(probabilities=probs, embeddings=emb, logits=logits, inference_ms=(t2 - t1) * 1000,
-                          preprocess_ms=(t1 - t0) * 1000, precision=self.precision)
+        if out.embeddings.shape != (len(out.probabilities), self.bundle.embedding_dim):
+            raise ValueError(f"model returned embeddings of shape {out.embeddings.shape}, expected "
+                             f"(N, {self.bundle.embedding_dim})")
+        return Prediction(probabilities=out.probabilities, embeddings=out.embeddings, logits=out.logits,
+                          inference_ms=(t2 - t1) * 1000, preprocess_ms=(t1 - t0) * 1000,
+                          precision=self.precision, member_names=self.member_names,
+                          member_probabilities=out.member_probabilities())
 
     def predict_files(self, sources) -> Prediction:
         return self.predict_arrays([self.load(s) for s in sources])
@@ -200,9 +226,9 @@ def predictor_for_version(version, *, model_root=None, tolerance: float | None =
                                          version_id=version.pk)
         _cache.clear()  # one model in memory per worker process: a new active version replaces the old
         _cache[key] = pred
-        log.info("loaded model version %s (%s, %d px) from %s in %.0f ms, %s, %d torch threads",
-                 version.pk, version.architecture, pred.input_size, path, pred.load_ms, pred.precision,
-                 torch.get_num_threads())
+        log.info("loaded model version %s (%s, %s px) from %s in %.0f ms, %s, %d torch threads",
+                 version.pk, version.architecture, pred.bundle.input_sizes, path, pred.load_ms,
+                 pred.precision, torch.get_num_threads())
         return pred, True
 
 

@@ -67,7 +67,8 @@ def validate_checkpoint(*, checkpoint_path, probe_size: int | None = None) -> tu
         raise ModelInstallError(f"{checkpoint_path}: cannot be loaded as a melanoma model: {exc}") from exc
     card = dict(pred.card)
     size = int(probe_size or pred.input_size)
-    pred.input_size = size
+    if not pred.bundle.is_ensemble:
+        pred.input_size = size
     with tempfile.TemporaryDirectory() as tmp:
         # A JPEG larger than the input, so the real decode path (draft mode, resize) is exercised.
         test_image = Path(tmp) / "validation.jpg"
@@ -79,7 +80,9 @@ def validate_checkpoint(*, checkpoint_path, probe_size: int | None = None) -> tu
     if not (np.all(np.isfinite(out.probabilities)) and np.all(np.isfinite(out.embeddings))):
         raise ModelInstallError(f"{checkpoint_path}: the model produced non-finite output on a test image")
     report = {"probe_size": size, "probe_probability": float(out.probabilities[0]),
-              "probe_inference_ms": round(out.inference_ms, 1)}
+              "probe_inference_ms": round(out.inference_ms, 1),
+              "architecture": pred.bundle.architecture, "members": pred.member_names,
+              "input_sizes": pred.bundle.input_sizes, "embedding_dim": pred.bundle.embedding_dim}
     return card, report
 
 
@@ -126,7 +129,8 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
         card.update(_read_json(Path(card_path), "model card"))
     context_model = _context_model_for(src, context_model_path)
 
-    architecture = str(card.get("architecture") or card.get("backbone") or "se_resnet50")
+    architecture = str(report.get("architecture") or card.get("architecture") or card.get("backbone")
+                       or "se_resnet50")[:50]
     input_size = int(card.get("input_size") or 224)
     metrics = card.get("metrics") or {}
     if not isinstance(metrics, dict):
@@ -358,13 +362,16 @@ def claim_analyses(*, analysis_id: int, worker: str, batch_size: int | None = No
     return token, claimed
 
 
-def complete_analysis(*, analysis: Analysis, token: str, probability: float, embedding, timings: dict) -> bool:
-    """Store a result, only while this worker still holds the claim. Returns whether it was stored."""
+def complete_analysis(*, analysis: Analysis, token: str, probability: float, embedding, timings: dict,
+                      member_probabilities: dict | None = None) -> bool:
+    """Store a result, only while this worker still holds the claim. Returns whether it was stored.
+    ``member_probabilities``: each member network's own probability (ensemble versions)."""
     import numpy as np
 
     emb = np.asarray(embedding, dtype=np.float32).tobytes()
     n = Analysis.objects.filter(pk=analysis.pk, claim_token=token, status=Analysis.Status.RUNNING).update(
         status=Analysis.Status.DONE, probability=float(probability), embedding=emb, timings=timings,
+        member_probabilities=member_probabilities or None,
         finished_at=timezone.now(), error="", final_score=float(probability), final_score_source="image",
     )
     return bool(n)

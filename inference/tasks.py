@@ -124,11 +124,13 @@ def run_claimed(token: str, claimed, model=None) -> int:
             "precision": out.precision,
             "tta": pred.tta,
             "input_size": pred.input_size,
+            "input_sizes": pred.bundle.input_sizes,
         }
         if loaded_now and i == 0:
             timings["model_load_ms"] = round(pred.load_ms, 1)
         if services.complete_analysis(analysis=a, token=token, probability=out.probabilities[i],
-                                      embedding=out.embeddings[i], timings=timings):
+                                      embedding=out.embeddings[i], timings=timings,
+                                      member_probabilities=out.members_of(i) if pred.bundle.is_ensemble else None):
             patients.add(a.image.lesion.patient_id)
     for patient_id in sorted(patients):
         transaction.on_commit(lambda p=patient_id: rescore_patient.delay(p, version.pk))

@@ -121,7 +121,11 @@ def test_bf16_is_used_only_within_tolerance_of_fp32(tiny_ckpt):
         return
     accepted = pred.decide_precision(tolerance=tol)
     assert pred.bf16_max_diff is not None
-    assert accepted == (pred.bf16_max_diff <= tol)
+    (report,) = pred.bundle.precision_report
+    # bf16 only when within tolerance AND measured faster than fp32 on this machine
+    assert accepted == (pred.bf16_max_diff <= tol and report["bf16_ms"] < report["fp32_ms"])
+    assert report["reason"] == ("bf16 measured faster and within tolerance" if accepted else
+                                "bf16 outside tolerance" if pred.bf16_max_diff > tol else "bf16 measured slower")
     if accepted:
         out = pred.predict_arrays(arrays)
         assert out.precision == "bf16"

@@ -29,6 +29,9 @@ def train_transform(size: int, strength: float = 1.0) -> A.Compose:
             A.GaussianBlur(blur_limit=(3, 5), p=1.0),
             A.GaussNoise(std_range=(0.02, 0.06 * s), p=1.0),
         ], p=0.3),
+        # sources differ in resolution (84 px to full-size dermoscopy): show the network sharp
+        # images at lower resolutions too, so "blurry" is not a cue for "which source"
+        A.Downscale(scale_range=(0.35, 0.9), p=0.25 * min(s, 1.0)),
         A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15),
                         hole_width_range=(0.05, 0.15), fill=0, p=0.3),
     ])

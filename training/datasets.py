@@ -42,6 +42,7 @@ class Record:
     age: float | None = None
     sex: str = ""
     site: str = ""
+    source: str = ""  # where the image comes from (labels.csv ``source``, else the folder name)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +127,8 @@ def read_dermoscopy(root: str, check_images: bool = True) -> list[Record]:
             group=_group(row["image_id"], row.get("patient_id", ""), lesion),
             patient_id=row.get("patient_id", ""), lesion_id=lesion,
             age=_age(row.get("age_approx", ""), csv_path, line),
-            sex=row.get("sex", ""), site=row.get("anatom_site", "")))
+            sex=row.get("sex", ""), site=row.get("anatom_site", ""),
+            source=row.get("source", "") or os.path.basename(os.path.normpath(root))))
     _check_unique(out, csv_path)
     return out
 
@@ -215,13 +217,26 @@ def detect_layout(root: str) -> str:
 
 
 def read_layout(root: str, layout: str = "auto", check_images: bool = True) -> list[Record]:
+    """Read one folder, or several separated by commas (their records concatenated; an image id in
+    two folders is an error). Folds group by lesion across folders, so one lesion's images in two
+    folders stay together."""
+    if "," in root:
+        out: list[Record] = []
+        for part in [p.strip() for p in root.split(",") if p.strip()]:
+            out.extend(read_layout(part, layout, check_images))
+        _check_unique(out, root)
+        return out
     if not os.path.isdir(root):
         raise LayoutError(f"{root}: not a directory")
     if layout == "auto":
         layout = detect_layout(root)
     if layout not in READERS:
         raise LayoutError(f"unknown layout {layout!r}; expected auto or one of {LAYOUTS}")
-    return READERS[layout](root, check_images=check_images)
+    records = READERS[layout](root, check_images=check_images)
+    default_source = os.path.basename(os.path.normpath(root))
+    for r in records:
+        r.source = r.source or default_source
+    return records
 
 
 def summary(records: list[Record]) -> dict:

@@ -13,7 +13,9 @@ FOLD_COLUMNS = ["image_id", "group", "target", "fold"]
 
 
 def assign_folds(records: list[Record], n_folds: int, seed: int = 42) -> np.ndarray:
-    y = np.array([r.target for r in records])
+    # stratified by source and target together, so every fold has each source's melanoma rate
+    strata = [f"{r.source}|{r.target}" for r in records]
+    _, y = np.unique(np.array(strata), return_inverse=True)
     groups = np.array([r.group for r in records])
     n_groups = len(set(groups.tolist()))
     if n_folds < 2 or n_groups < n_folds:

@@ -47,6 +47,12 @@ class TrainConfig:
     eval_batch_size: int = 64
     time_budget_s: float = 0.0  # 0 = no budget; else stop epochs that would not fit
     max_steps_per_epoch: int = 0  # 0 = full epoch (tests use small values)
+    select: str = "best"  # "best": the epoch with the best validation AUC; "last": the last epoch
+    # knowledge distillation: a .npy of teacher logits, one per record (e.g. an ImageNet-initialised
+    # member's out-of-fold logits); loss = (1 - alpha) * BCE(labels) + alpha * T^2 * BCE(soft targets)
+    teacher_logits: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
     data: str = ""
     layout: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -121,8 +127,10 @@ def build_cache(records: list[Record], size: int, cache_dir: str | None = None) 
 
 
 class CachedImages(Dataset):
-    def __init__(self, arrays: np.ndarray, indices: np.ndarray, targets: np.ndarray, transform=None):
+    def __init__(self, arrays: np.ndarray, indices: np.ndarray, targets: np.ndarray, transform=None,
+                 teacher: np.ndarray | None = None):
         self.arrays, self.indices, self.targets, self.transform = arrays, indices, targets, transform
+        self.teacher = teacher
 
     def __len__(self):
         return len(self.indices)
@@ -132,33 +140,64 @@ class CachedImages(Dataset):
         img = self.arrays[j]
         if self.transform is not None:
             img = self.transform(image=img)["image"]
+        if self.teacher is not None:
+            return img, float(self.targets[j]), float(self.teacher[j])
         return img, float(self.targets[j])
 
 
-def collate(batch):
-    imgs, ys = zip(*batch)
-    return to_batch(list(imgs)), torch.tensor(ys, dtype=torch.float32)
+class Collate:
+    """Batch of (uint8 image, target[, teacher logit]) -> normalised tensor, targets[, teacher]."""
+
+    def __init__(self, normalisation: str = "imagenet"):
+        self.normalisation = normalisation
+
+    def __call__(self, batch):
+        cols = list(zip(*batch))
+        out = [to_batch(list(cols[0]), self.normalisation), torch.tensor(cols[1], dtype=torch.float32)]
+        if len(cols) > 2:
+            out.append(torch.tensor(cols[2], dtype=torch.float32))
+        return tuple(out)
+
+
+collate = Collate()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, arrays, batch_size: int = 64, tta: bool = False, amp=None,
             device=torch.device("cpu"), progress: bool = False):
-    """Logits (N,) and embeddings (N, 2048) as float32 numpy. With ``tta`` they are the mean over
-    identity, horizontal flip, vertical flip and both flips."""
+    """Logits (N,) and embeddings (N, embedding_dim) as float32 numpy. With ``tta`` they are the
+    mean over identity, horizontal flip, vertical flip and both flips."""
     from tqdm import tqdm
+    from .network import normalisation
 
     model.eval()
     n = len(arrays)
+    norm = normalisation(model.backbone_name)
     logits = np.empty(n, dtype=np.float32)
-    embs = np.empty((n, 2048), dtype=np.float32)
+    embs = np.empty((n, model.embedding_dim), dtype=np.float32)
     for s in tqdm(range(0, n, batch_size), disable=not progress, desc="predict",
                   mininterval=2 if sys.stderr.isatty() else 30):
-        x = to_batch(arrays[s:s + batch_size]).to(device)
+        x = to_batch(arrays[s:s + batch_size], norm).to(device)
         with autocast(device, amp):
             lo, em = model.forward_tta(x, tta=tta)
         logits[s:s + batch_size] = lo.float().cpu().numpy()
         embs[s:s + batch_size] = em.float().cpu().numpy()
     return logits, embs
+
+
+def read_teacher_logits(path: str, image_ids: list[str] | None, n: int) -> np.ndarray:
+    """Teacher logits, one per record: a ``.npy`` in record order, or a CSV with ``image_id`` and
+    ``logit`` columns (what ``python -m training evaluate --predictions`` writes), matched by id.
+    Records without a teacher logit get NaN (allowed only outside the training images)."""
+    if path.endswith(".npy"):
+        return np.load(path).astype(np.float32)
+    import csv
+
+    with open(path, newline="") as f:
+        by_id = {row["image_id"]: float(row["logit"]) for row in csv.DictReader(f)}
+    if image_ids is None:
+        raise ValueError("a CSV of teacher logits needs the records' image ids")
+    return np.array([by_id.get(i, np.nan) for i in image_ids], dtype=np.float32)
 
 
 def sigmoid(x):
@@ -188,11 +227,12 @@ def setup_distributed():
 
 def _card_base(cfg: TrainConfig) -> dict:
     from .augment import describe as describe_aug
+    from .network import normalisation
 
     return {
         "architecture": cfg.backbone,
         "input_size": cfg.input_size,
-        "preprocessing": describe_preprocessing(cfg.input_size),
+        "preprocessing": describe_preprocessing(cfg.input_size, normalisation(cfg.backbone)),
         "augmentation": describe_aug(cfg.input_size, cfg.aug_strength),
         "pretrained_weights": cfg.pretrained_weights or "none (random initialisation)",
     }
@@ -222,7 +262,18 @@ def train_fold(cfg: TrainConfig, fold: int, arrays: np.ndarray, targets: np.ndar
     log(f"fold {fold}: train {len(tr_idx)} ({n_pos} melanoma), val {len(va_idx)} "
         f"({int(targets[va_idx].sum())} melanoma)")
 
-    ds = CachedImages(arrays, tr_idx, targets, train_transform(cfg.input_size, cfg.aug_strength))
+    from .network import normalisation
+
+    teacher = None
+    if cfg.teacher_logits:
+        teacher = read_teacher_logits(cfg.teacher_logits, cfg.extra.get("image_ids"), len(targets))
+        if teacher.shape != (len(targets),) or not np.isfinite(teacher[tr_idx]).all():
+            raise ValueError(f"{cfg.teacher_logits}: expected {len(targets)} finite teacher logits "
+                             f"(one per record), got shape {teacher.shape}")
+        log(f"fold {fold}: distilling from {cfg.teacher_logits} (alpha {cfg.distill_alpha}, "
+            f"T {cfg.distill_temperature})")
+    ds = CachedImages(arrays, tr_idx, targets, train_transform(cfg.input_size, cfg.aug_strength),
+                      teacher=teacher)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + fold)
     sampler = None
     if dist:
@@ -236,7 +287,8 @@ def train_fold(cfg: TrainConfig, fold: int, arrays: np.ndarray, targets: np.ndar
         sampler = torch.utils.data.WeightedRandomSampler(torch.as_tensor(w, dtype=torch.double),
                                                          len(tr_idx), replacement=True, generator=gen)
     loader = DataLoader(ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=len(tr_idx) // world > cfg.batch_size, collate_fn=collate,
+                        drop_last=len(tr_idx) // world > cfg.batch_size,
+                        collate_fn=Collate(normalisation(cfg.backbone)),
                         num_workers=cfg.num_workers, generator=gen,
                         persistent_workers=cfg.num_workers > 0)
     steps_per_epoch = len(loader)
@@ -249,7 +301,7 @@ def train_fold(cfg: TrainConfig, fold: int, arrays: np.ndarray, targets: np.ndar
     model = model.to(device, memory_format=torch.channels_last)
     # the ImageNet classifier of the pretrainedmodels net is never used (we use .features());
     # freezing it keeps it out of the optimizer and lets DDP see every trainable parameter used
-    for p in model.backbone.last_linear.parameters():
+    for p in getattr(model.backbone, "last_linear", nn.Identity()).parameters():
         p.requires_grad_(False)
     decay, no_decay = [], []
     for n_, p in model.named_parameters():
@@ -305,13 +357,18 @@ def train_fold(cfg: TrainConfig, fold: int, arrays: np.ndarray, targets: np.ndar
         tot_loss, seen = 0.0, 0
         bar = tqdm(loader, total=steps_per_epoch, desc=f"fold {fold} epoch {epoch}",
                    disable=not is_main(), mininterval=2 if sys.stderr.isatty() else 60)
-        for i, (x, y) in enumerate(bar):
+        for i, batch in enumerate(bar):
             if i >= steps_per_epoch:
                 break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
             with autocast(device, adt):
                 out = net(x)
             loss = loss_fn(out.float(), y)
+            if teacher is not None:
+                T, a = cfg.distill_temperature, cfg.distill_alpha
+                soft = torch.sigmoid(batch[2].to(device) / T)
+                kd = nn.functional.binary_cross_entropy_with_logits(out.float() / T, soft) * T * T
+                loss = (1 - a) * loss + a * kd
             opt.zero_grad(set_to_none=True)
             if scaler:
                 scaler.scale(loss).backward()
@@ -336,7 +393,7 @@ def train_fold(cfg: TrainConfig, fold: int, arrays: np.ndarray, targets: np.ndar
                 torch.from_numpy(lo), torch.from_numpy(va_y.astype(np.float32))))
             auc = M.roc_auc(va_y, lo)
             pauc = M.partial_auc_above_tpr(va_y, lo)
-            improved = auc > state["best_auc"]
+            improved = auc > state["best_auc"] or cfg.select == "last"
             rec = {"fold": fold, "epoch": epoch, "step": state["step"],
                    "train_loss": tot_loss / max(seen, 1), "val_loss": val_loss, "val_auc": auc,
                    "val_pauc_80": pauc, "lr": sched.get_last_lr()[0], "train_seconds": train_s,
@@ -443,6 +500,8 @@ def run_training(cfg: TrainConfig, records: list[Record], run_dir: str, cache_di
         if is_main():
             save_folds(folds_path, records, fold_of)
     targets = np.array([r.target for r in records], dtype=np.int64)
+    if cfg.teacher_logits:
+        cfg.extra = dict(cfg.extra, image_ids=[r.image_id for r in records])
     arrays = build_cache(records, cfg.input_size, cache_dir or os.path.join(run_dir, "cache"))
     if dist:
         dist.barrier()

@@ -110,3 +110,63 @@ def bootstrap_ci(metric_fn, y, p, n: int = 1000, seed: int = 0, groups=None, alp
         vals.append(float(metric_fn(yy, p[idx])))
     vals = np.asarray(vals)
     return est, float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
+def calibration(y, p, n_bins: int = 10) -> dict:
+    """Calibration of probabilities ``p``: the slope and intercept of a logistic regression of ``y``
+    on logit(p) (perfect: slope 1, intercept 0), the expected calibration error over ``n_bins``
+    equal-width bins (ECE: the bin-size-weighted mean |mean p - observed rate|), and the mean
+    predicted probability against the observed rate."""
+    y, p = _check(y, p)
+    eps = 1e-6
+    pc = np.clip(p, eps, 1 - eps)
+    z = np.log(pc / (1 - pc))
+    out = {"mean_predicted": float(p.mean()), "observed_rate": float(y.mean()), "n_bins": n_bins}
+    bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(p[m].mean() - y[m].mean())
+    out["ece"] = float(ece)
+    if 0 < y.sum() < len(y):
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(z.reshape(-1, 1), y)
+        out["slope"] = float(lr.coef_[0, 0])
+        out["intercept"] = float(lr.intercept_[0])
+    else:
+        out["slope"] = out["intercept"] = None
+    return out
+
+
+def summary_with_ci(y, p, threshold: float, groups=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    """ROC-AUC, pAUC above 80% sensitivity, sensitivity and specificity at ``threshold`` (positive
+    when ``p >= threshold``), each with a percentile bootstrap 95% interval over whole ``groups``,
+    and calibration. Ranking metrics are None where one class is missing."""
+    y, p = _check(y, p)
+    out = {"n": int(len(y)), "n_melanoma": int(y.sum())}
+    both = 0 < y.sum() < len(y)
+    for name, fn, s in (("roc_auc", roc_auc, 1), ("pauc_80", partial_auc_above_tpr, 2)):
+        if both:
+            est, lo, hi = bootstrap_ci(fn, y, p, n=n_boot, seed=seed + s, groups=groups)
+            out[name], out[f"{name}_ci95"] = est, [lo, hi]
+        else:
+            out[name], out[f"{name}_ci95"] = None, None
+
+    def sens(yy, pp):
+        return sensitivity_specificity(yy, pp, threshold)[0]
+
+    def spec(yy, pp):
+        return sensitivity_specificity(yy, pp, threshold)[1]
+
+    for name, fn, s, ok in (("sensitivity", sens, 3, y.sum() > 0), ("specificity", spec, 4, (y == 0).any())):
+        if ok and both:
+            est, lo, hi = bootstrap_ci(fn, y, p, n=n_boot, seed=seed + s, groups=groups)
+            out[name], out[f"{name}_ci95"] = est, [lo, hi]
+        else:
+            out[name] = sensitivity_specificity(y, p, threshold)[0 if name == "sensitivity" else 1]
+            out[f"{name}_ci95"] = None
+    out["threshold"] = float(threshold)
+    out["calibration"] = calibration(y, p)
+    return out

