@@ -61,6 +61,26 @@ class ModelVersion(models.Model):
         }
 
     @property
+    def per_source_metrics(self) -> list[tuple[str, dict]]:
+        """[(source, metrics)] from the card's held-out evaluation, pooled first; [] for cards
+        without a per-source breakdown (older single-network versions)."""
+        m = self.metrics or {}
+        per = m.get("per_source") or {}
+        if not isinstance(per, dict) or not per:
+            return []
+        return [("pooled", m)] + sorted((k, v) for k, v in per.items() if isinstance(v, dict))
+
+    @property
+    def members(self) -> list[dict]:
+        """The member networks of an ensemble version (the card's ``members``); [] for one network."""
+        members = (self.card or {}).get("members") or []
+        return [x for x in members if isinstance(x, dict)]
+
+    @property
+    def is_ensemble(self) -> bool:
+        return len(self.members) > 1
+
+    @property
     def roc_auc_ci(self) -> tuple[float, float] | None:
         """The 95% interval of the ROC-AUC when the card has one (several spellings accepted)."""
         m = self.metrics or {}

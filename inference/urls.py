@@ -5,4 +5,6 @@ from . import views
 app_name = "inference"
 urlpatterns = [
     path("images/<int:pk>/result/", views.image_result, name="image_result"),
+    path("models/", views.model_version_list, name="model_version_list"),
+    path("models/<int:pk>/", views.model_version_detail, name="model_version_detail"),
 ]

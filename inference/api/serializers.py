@@ -13,13 +13,16 @@ class ModelVersionSummarySerializer(serializers.ModelSerializer):
 
 class ModelVersionSerializer(serializers.ModelSerializer):
     roc_auc = serializers.SerializerMethodField()
+    members = serializers.JSONField(read_only=True, help_text=(
+        "Member networks of an ensemble version (name, architecture, input size, initialisation, "
+        "held-out metrics alone, combiner weight); empty for one network."))
     has_context_model = serializers.SerializerMethodField()
     context_model = serializers.SerializerMethodField()
 
     class Meta:
         model = ModelVersion
         fields = ["id", "name", "architecture", "input_size", "sha256", "metrics", "roc_auc", "threshold",
-                  "validated", "is_active", "has_context_model", "context_model", "card", "installed_at"]
+                  "validated", "is_active", "members", "has_context_model", "context_model", "card", "installed_at"]
         read_only_fields = fields
 
     @extend_schema_field(serializers.FloatField(allow_null=True))
@@ -46,7 +49,8 @@ class AnalysisSerializer(serializers.ModelSerializer):
     class Meta:
         model = Analysis
         fields = [
-            "id", "image", "lesion", "patient", "status", "probability", "final_score", "final_score_source",
+            "id", "image", "lesion", "patient", "status", "probability", "member_probabilities",
+            "final_score", "final_score_source",
             "context_features", "model_version", "error", "attempts", "timings", "embedding_dim",
             "queued_at", "started_at", "finished_at",
         ]
