@@ -242,6 +242,30 @@ def tiny_checkpoint(path, *, input_size=64, card_extra=None, seed=0) -> Path:
 
 
 
+def tiny_ensemble(path, *, seed=0) -> Path:
+    """A random-weight two-member ensemble bundle: EfficientNet-Lite0 at 48 px (embedding member)
+    and SE-ResNet50 at 32 px, with a logistic combiner."""
+    import torch
+
+    from training.ensemble import Member, save_ensemble
+    from training.network import MelanomaNet
+    from training.preprocessing import describe
+
+    torch.manual_seed(seed)
+    members = []
+    for name, size, norm in (("efficientnet_lite0", 48, "tf-lite"), ("se_resnet50", 32, "imagenet")):
+        net = MelanomaNet(name).eval()
+        with torch.no_grad():
+            net.head.weight.mul_(100.0)
+        members.append(Member(name, net, {"architecture": name, "input_size": size, "tta": name == "se_resnet50",
+                                          "preprocessing": describe(size, norm)}))
+    card = {"architecture": "ensemble: efficientnet_lite0 + se_resnet50", "input_size": 48, "threshold": 0.3,
+            "metrics": {"roc_auc": 0.9, "roc_auc_ci95": [0.88, 0.92]}, "validated": False,
+            "members": [{"name": m.name, "input_size": m.input_size} for m in members]}
+    save_ensemble(str(path), members, weights=[0.8, 0.3], bias=-0.5, embedding_member=0, card=card)
+    return Path(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """One tiny random checkpoint per test session (shared by every module that imports this)."""
