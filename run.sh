@@ -17,7 +17,9 @@ PORT=${PORT:-8000}
 $py manage.py migrate --noinput
 $py manage.py collectstatic --noinput -v0
 $py manage.py seed_demo
-$py manage.py install_model models/demo/model.pt --name demo-se_resnet50 --activate --skip-if-installed
+# The first demo model stays installed (selectable in the admin); the ensemble version is the active one.
+$py manage.py install_model models/demo/model.pt --name demo-se_resnet50 --skip-if-installed
+$py manage.py install_model models/demo-v2/model.pt --name demo-v2-ensemble --activate-if-new --skip-if-installed
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }

@@ -7,7 +7,7 @@ from rest_framework.test import APIClient
 from inference import services
 from inference.models import Analysis, ModelVersion
 from tests.factories import LesionFactory
-from tests.worker_utils import make_image
+from tests.worker_utils import make_image, tiny_ckpt  # noqa: F401 (session fixture)
 
 pytestmark = pytest.mark.django_db
 
@@ -79,3 +79,20 @@ def test_result_shows_member_probabilities_and_links_the_model_card(client, clin
     assert item["model_version"]["metrics"]["per_source"]["isic2017"]["roc_auc"] == 0.801
     mv = api.get(f"/api/v1/model-versions/{v.pk}/").json()
     assert [m["name"] for m in mv["members"]] == ["efficientnet_lite0", "se_resnet50"]
+
+
+def test_run_sh_install_activates_a_new_version_but_keeps_an_admins_later_choice(tiny_ckpt, tmp_path):
+    from django.core.management import call_command
+
+    from tests.worker_utils import tiny_ensemble
+
+    ens = tiny_ensemble(tmp_path / "ens.pt")
+    call_command("install_model", str(tiny_ckpt), "--name", "old", "--skip-if-installed")
+    assert not ModelVersion.objects.get(name="old").is_active
+    call_command("install_model", str(ens), "--name", "new", "--activate-if-new", "--skip-if-installed")
+    new = ModelVersion.objects.get(name="new")
+    assert new.is_active and new.architecture == "ensemble: efficientnet_lite0 + se_resnet50"
+    # the admin switches back to the old version; running run.sh again must not undo that
+    services.activate_model_version(model_version=ModelVersion.objects.get(name="old"))
+    call_command("install_model", str(ens), "--name", "new", "--activate-if-new", "--skip-if-installed")
+    assert ModelVersion.objects.get(name="old").is_active and not ModelVersion.objects.get(name="new").is_active

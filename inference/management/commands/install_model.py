@@ -14,6 +14,9 @@ class Command(BaseCommand):
         parser.add_argument("--name", help="Version name (default: from the card, else architecture-sha).")
         parser.add_argument("--activate", action="store_true", help="Make it the active version and queue "
                             "analyses of every image without a result for it.")
+        parser.add_argument("--activate-if-new", action="store_true",
+                            help="Activate it only when this call installs it or no version is active "
+                                 "(run.sh: a version an admin chose later is not switched back).")
         parser.add_argument("--card", help="Model card JSON (overrides/extends the card in the checkpoint).")
         parser.add_argument("--context-model", help="Patient-context model JSON (default: context_model.json "
                             "beside the checkpoint, if present).")
@@ -25,6 +28,15 @@ class Command(BaseCommand):
                             "card's input size).")
 
     def handle(self, *args, **opts):
+        if opts["activate_if_new"] and not opts["activate"]:
+            from inference.models import ModelVersion
+            from training.hashing import file_sha256
+
+            try:
+                installed = ModelVersion.objects.filter(sha256=file_sha256(opts["checkpoint"])).exists()
+            except OSError:
+                installed = False  # install_model_version reports the missing file
+            opts["activate"] = not installed or not ModelVersion.objects.filter(is_active=True).exists()
         try:
             version = services.install_model_version(
                 checkpoint_path=opts["checkpoint"], name=opts["name"], activate=opts["activate"],
