@@ -175,9 +175,12 @@ def build(member_runs: list[str], out_dir: str, *, name: str, holdout_fold: int 
             wo = info["ensemble_without_it_roc_auc"]
             gain = {k: (None if ens_auc[k] is None or wo[k] is None else ens_auc[k] - wo[k]) for k in ens_auc}
             info["adds_roc_auc"] = gain
+            verdict = ("it adds nothing measurable on held-out data" if gain["pooled"] < 0.002 else
+                       "it adds to the ensemble")
+            info["adds_nothing"] = gain["pooled"] < 0.002
             adds.append(f"{info['name']}: combiner weight {info['combiner_weight']:+.3f} per logit "
                         f"({info['combiner_weight_per_sd']:+.3f} per SD); removing it changes the "
-                        f"pooled held-out ROC-AUC by {-gain['pooled']:+.4f}")
+                        f"pooled held-out ROC-AUC by {-gain['pooled']:+.4f}: {verdict}")
 
     metrics = dict(pooled)
     metrics.update({
