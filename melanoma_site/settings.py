@@ -140,6 +140,8 @@ THUMBNAIL_SIZE = 256
 # analysis app shows beside each image costs no query per image. Keeps patients -> inference
 # imports out of the records core: the dependency is one-way (inference imports patients).
 IMAGE_LIST_PREFETCHES = ["inference.services.analysis_prefetch"]
+# The module that gives lesions their current score, flag and unreviewed state (patients.results).
+RESULTS_MODULE = "inference.scoring"
 
 # Model versions (weights, cards, context models) are copied here by install_model.
 MODEL_ROOT = Path(env("MODEL_ROOT", default=str(VAR_DIR / "models")))

@@ -1,10 +1,19 @@
 from django.contrib import admin
+from django.contrib.auth.decorators import login_required
+from django.http import HttpResponseRedirect
+from django.templatetags.static import static
 from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+def favicon(request):
+    """Browsers ask for /favicon.ico whatever the page says: send them to the static file."""
+    return HttpResponseRedirect(static("favicon.ico"))
+
+
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="patients:worklist", permanent=False)),
+    path("favicon.ico", favicon),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
     path("patients/", include("patients.urls")),
@@ -12,5 +21,6 @@ urlpatterns = [
     path("api/v1/", include("patients.api.urls")),
     path("api/v1/", include("inference.api.urls")),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),
-    path("api/v1/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    # The interactive docs are a page for people: logged out, they go to the login page first.
+    path("api/v1/docs/", login_required(SpectacularSwaggerView.as_view(url_name="api-schema")), name="api-docs"),
 ]

@@ -12,7 +12,7 @@ from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from .models import CareTeam, Lesion, LesionImage, Patient
+from .models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from .uploads import human_size
 
 IMAGE_READONLY = ["preview", "lesion", "sha256", "upload_sha256", "width", "height", "dimensions", "size",
@@ -192,3 +192,69 @@ class LesionImageAdmin(VisibleRecordsMixin, admin.ModelAdmin):
             return ""
         return format_html("The file cannot be changed here. Upload new images on {}.",
                            _lesion_page_link(obj.lesion))
+
+
+class LesionReviewInline(admin.TabularInline):
+    """A lesion's review history, read-only: reviews are recorded on the lesion page or the API."""
+
+    model = LesionReview
+    fk_name = "lesion"
+    extra = 0
+    fields = ["created_at", "reviewed_by", "decision", "follow_up_months", "follow_up_due", "note", "in_force"]
+    readonly_fields = fields
+    ordering = ["-created_at", "-id"]
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="in force", boolean=True)
+    def in_force(self, obj):
+        return obj.is_current
+
+
+LesionAdmin.inlines = [LesionImageInline, LesionReviewInline]
+
+
+@admin.register(LesionReview)
+class LesionReviewAdmin(VisibleRecordsMixin, admin.ModelAdmin):
+    """Read-only history of review decisions (append-only records; a later review supersedes)."""
+
+    patient_lookup = "lesion__patient"
+    list_display = ["created_at", "lesion", "patient", "decision", "follow_up_due", "reviewed_by", "in_force"]
+    list_filter = ["decision", "follow_up_due", "created_at"]
+    search_fields = ["lesion__label", "lesion__patient__mrn", "lesion__patient__name", "note"]
+    list_select_related = ["lesion__patient", "reviewed_by", "superseded_by"]
+    date_hierarchy = "created_at"
+    fields = ["lesion", "decision", "note", "follow_up_months", "follow_up_due", "result_snapshot", "reviewed_by",
+              "created_at", "supersedes", "superseded_by_link"]
+    readonly_fields = fields
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="patient", ordering="lesion__patient__mrn")
+    def patient(self, obj):
+        return obj.lesion.patient
+
+    @admin.display(description="in force", boolean=True)
+    def in_force(self, obj):
+        return obj.is_current
+
+    @admin.display(description="superseded by")
+    def superseded_by_link(self, obj):
+        try:
+            later = obj.superseded_by
+        except LesionReview.DoesNotExist:
+            return "— (in force)"
+        return format_html('<a href="{}">{}</a>', reverse("admin:patients_lesionreview_change", args=[later.pk]),
+                           later)

@@ -14,3 +14,4 @@ class PatientsConfig(AppConfig):
         auditlog.register(models.Patient)
         auditlog.register(models.Lesion)
         auditlog.register(models.LesionImage, exclude_fields=["file", "thumbnail"])
+        auditlog.register(models.LesionReview)

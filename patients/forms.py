@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from .models import CareTeam, Lesion, LesionImage, Patient
+from .models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from .vocabulary import ANATOMIC_SITE_CHOICES, DIAGNOSIS_CHOICES
 
 
@@ -210,3 +210,17 @@ class ImageUploadForm(forms.Form):
         if day and day > timezone.localdate():
             raise ValidationError("The acquisition date cannot be in the future.")
         return day
+
+
+FOLLOW_UP_CHOICES = [("", "No follow-up"), ("1", "1 month"), ("3", "3 months"), ("6", "6 months"),
+                     ("12", "12 months"), ("24", "24 months")]
+
+
+class ReviewForm(forms.Form):
+    decision = forms.ChoiceField(label="Decision", choices=LesionReview.Decision.choices,
+                                 initial=LesionReview.Decision.ACKNOWLEDGED)
+    note = forms.CharField(label="Note", required=False, max_length=5000,
+                           widget=forms.Textarea(attrs={"rows": 3}))
+    follow_up_months = forms.TypedChoiceField(
+        label="Follow-up", choices=FOLLOW_UP_CHOICES, required=False, coerce=int, empty_value=None,
+        help_text="Sets the due date for the follow-up list.")

@@ -142,6 +142,9 @@ class LesionImage(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="uploaded_images"
     )
     uploaded_at = models.DateTimeField(auto_now_add=True)
+    quality = models.JSONField(
+        default=dict, blank=True,
+        help_text="Image-quality measurements and warnings from the upload check (empty: not assessed).")
 
     class Meta:
         ordering = ["acquired_on", "uploaded_at", "id"]
@@ -175,3 +178,80 @@ def _remove_stored_files(sender, instance, **kwargs):
 models.signals.post_delete.connect(
     _remove_stored_files, sender=LesionImage, dispatch_uid="patients.remove_stored_image_files"
 )
+
+
+def add_months(day, months: int):
+    """``day`` plus ``months`` calendar months (the 31st becomes the month's last day)."""
+    import calendar
+    import datetime
+
+    index = day.month - 1 + int(months)
+    year, month = day.year + index // 12, index % 12 + 1
+    return datetime.date(year, month, min(day.day, calendar.monthrange(year, month)[1]))
+
+
+class LesionReviewQuerySet(models.QuerySet):
+    def current(self):
+        """Only the latest review of each lesion (the one in force; older ones are history)."""
+        return self.filter(superseded_by__isnull=True)
+
+
+class LesionReview(models.Model):
+    """A clinician's review of a lesion's results: acknowledgement and decision, append-only.
+
+    A review is never edited or deleted through the application: a later review of the same lesion
+    supersedes it (``supersedes`` points at the one it replaced), and the history stays. The review
+    acknowledges every result of the lesion finished before ``created_at``.
+    """
+
+    class Decision(models.TextChoices):
+        ACKNOWLEDGED = "acknowledged", "Acknowledged (no change)"
+        REASSURE = "reassure", "Reassure"
+        MONITOR = "monitor", "Monitor"
+        EXCISE = "excise", "Excise"
+        REFER = "refer", "Refer"
+        OTHER = "other", "Other"
+
+    lesion = models.ForeignKey(Lesion, on_delete=models.CASCADE, related_name="reviews")
+    decision = models.CharField(max_length=20, choices=Decision.choices)
+    note = models.TextField(blank=True)
+    follow_up_months = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Follow-up interval in months, if a follow-up visit is wanted.")
+    follow_up_due = models.DateField(null=True, blank=True, db_index=True,
+                                     help_text="Review date plus the follow-up interval.")
+    supersedes = models.OneToOneField(
+        "self", on_delete=models.RESTRICT, null=True, blank=True, related_name="superseded_by",
+        help_text="The previous review of this lesion, which this one replaces.")
+    # What the reviewer saw: the lesion's current result when the review was recorded (a snapshot).
+    result_snapshot = models.JSONField(default=dict, blank=True)
+    reviewed_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT,
+                                    related_name="lesion_reviews")
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    objects = LesionReviewQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(follow_up_months__isnull=True) & Q(follow_up_due__isnull=True))
+                | (Q(follow_up_months__gte=1) & Q(follow_up_months__lte=60) & Q(follow_up_due__isnull=False)),
+                name="review_follow_up_interval_and_due_together",
+            )
+        ]
+
+    def __str__(self):
+        return f"{self.get_decision_display()} for {self.lesion} on {self.created_at:%Y-%m-%d}"
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise ValueError("Lesion reviews are append-only: record a new review instead of editing one.")
+        super().save(*args, **kwargs)
+
+    @property
+    def is_current(self) -> bool:
+        try:
+            self.superseded_by  # noqa: B018
+        except LesionReview.DoesNotExist:
+            return True
+        return False

@@ -79,6 +79,7 @@ class ProcessedUpload:
     thumbnail: bytes  # JPEG, at most THUMBNAIL_SIZE px on the long side
     upload_sha256: str  # of the bytes as uploaded
     sha256: str  # of ``content``
+    quality: dict = None  # assess_quality(): measurements and warnings (never a reason to refuse)
 
     @property
     def size_bytes(self) -> int:
@@ -294,6 +295,68 @@ def decode(data: bytes) -> tuple[Image.Image, str]:
     return rgb, "JPEG" if original_format == "MPO" else original_format
 
 
+# --- image quality: warnings only, never a refusal --------------------------------------------------
+
+QUALITY_VERSION = 1
+MIN_SHORT_SIDE = 400  # px; smaller images are accepted with a warning
+BLUR_ANALYSIS_SIDE = 512  # the sharpness is measured on a copy at most this large (scale-independent)
+MIN_SHARPNESS = 20.0  # variance of the Laplacian of the grey image below this: blurred
+DARK_MEAN, BRIGHT_MEAN = 45.0, 215.0  # mean grey level (0..255) outside these: under/over-exposed
+CLIPPED_FRACTION = 0.25  # or this share of pixels crushed to black / blown to white
+
+
+def _laplacian_variance(grey):
+    """Variance of the 4-neighbour Laplacian of a 2-D float array (a standard focus measure)."""
+    import numpy as np
+
+    g = np.asarray(grey, dtype=np.float32)
+    if g.shape[0] < 3 or g.shape[1] < 3:
+        return 0.0
+    lap = (g[1:-1, :-2] + g[1:-1, 2:] + g[:-2, 1:-1] + g[2:, 1:-1]) - 4.0 * g[1:-1, 1:-1]
+    return float(lap.var())
+
+
+def assess_quality(img: Image.Image) -> dict:
+    """Measure size, sharpness and exposure of an RGB image and word a warning for each problem.
+
+    Returns ``{"version", "short_side", "sharpness", "brightness", "dark_fraction",
+    "bright_fraction", "warnings": [{"code", "message"}, ...]}``. Uploads are never refused for
+    quality: a clinician may have no better picture. Pillow and numpy only (no torch here).
+    """
+    import numpy as np
+
+    width, height = img.size
+    short = min(width, height)
+    grey = img.convert("L")
+    probe = grey.copy()
+    probe.thumbnail((BLUR_ANALYSIS_SIDE, BLUR_ANALYSIS_SIDE), Image.Resampling.BILINEAR)
+    sharpness = _laplacian_variance(probe)
+    pixels = np.asarray(probe, dtype=np.uint8)
+    brightness = float(pixels.mean())
+    dark = float((pixels <= 10).mean())
+    bright = float((pixels >= 245).mean())
+    warnings_: list[dict] = []
+    if short < MIN_SHORT_SIDE:
+        warnings_.append({"code": "small", "message": (
+            f"small image ({width}×{height} px; at least {MIN_SHORT_SIDE} px on the short side is "
+            "recommended)")})
+    if sharpness < MIN_SHARPNESS:
+        warnings_.append({"code": "blurred", "message": (
+            f"looks blurred (sharpness {sharpness:.0f}; below {MIN_SHARPNESS:.0f} is usually out of focus "
+            "or motion-blurred)")})
+    if brightness < DARK_MEAN or dark > CLIPPED_FRACTION:
+        warnings_.append({"code": "underexposed", "message": (
+            f"looks under-exposed (mean brightness {brightness / 2.55:.0f}%, {dark:.0%} of pixels black)")})
+    elif brightness > BRIGHT_MEAN or bright > CLIPPED_FRACTION:
+        warnings_.append({"code": "overexposed", "message": (
+            f"looks over-exposed (mean brightness {brightness / 2.55:.0f}%, {bright:.0%} of pixels white)")})
+    return {
+        "version": QUALITY_VERSION, "short_side": short, "sharpness": round(sharpness, 1),
+        "brightness": round(brightness, 1), "dark_fraction": round(dark, 4), "bright_fraction": round(bright, 4),
+        "warnings": warnings_,
+    }
+
+
 def process_upload(file) -> ProcessedUpload:
     """Validate one uploaded file and return the re-encoded copy to store; raise UploadRejected.
 
@@ -322,4 +385,5 @@ def process_upload(file) -> ProcessedUpload:
         thumbnail=thumbnail,
         upload_sha256=hashlib.sha256(data).hexdigest(),
         sha256=hashlib.sha256(content).hexdigest(),
+        quality=assess_quality(clean),
     )

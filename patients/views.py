@@ -17,9 +17,10 @@ from django.utils.module_loading import import_string
 from django.views.decorators.http import require_http_methods
 
 
-from . import services
-from .forms import ImageUploadForm, LesionForm, PatientCreateForm, PatientForm, add_service_errors
-from .models import Lesion, LesionImage, Patient
+from . import selectors, services
+from .forms import ImageUploadForm, LesionForm, PatientCreateForm, PatientForm, ReviewForm, add_service_errors
+from .models import Lesion, LesionImage, LesionReview, Patient
+from .results import is_unreviewed, lesion_results
 from .uploads import UploadRejected
 
 WORKLIST_PAGE_SIZE = 25
@@ -81,12 +82,56 @@ def worklist(request):
     patients = patients.order_by("-last_activity_at", "-pk")
     page = Paginator(patients, WORKLIST_PAGE_SIZE).get_page(request.GET.get("page"))
     today = timezone.localdate()
+    _attach_patient_results(list(page))
     for p in page:
         p.age = p.age_on(today)
     return render(request, "patients/worklist.html", {
         "page": page,
         "q": q,
         "has_any": page.paginator.count > 0 or visible_patients(request.user).exists(),
+    })
+
+
+def _attach_patient_results(patients) -> None:
+    """Give each patient ``top_result`` (highest current lesion score, naming its model version),
+    ``flagged`` (a lesion currently flagged) and ``n_unreviewed`` (lesions with an unreviewed result)."""
+    from django.db.models import Max
+
+    lesions = list(Lesion.objects.filter(patient__in=[p.pk for p in patients])
+                   .annotate(last_reviewed_at=Max("reviews__created_at")).only("pk", "patient_id"))
+    results = lesion_results(lesion.pk for lesion in lesions)
+    per_patient: dict[int, list] = {}
+    for lesion in lesions:
+        per_patient.setdefault(lesion.patient_id, []).append(lesion)
+    for p in patients:
+        mine = per_patient.get(p.pk, [])
+        scored = [results[lesion.pk] for lesion in mine if lesion.pk in results]
+        p.top_result = max(scored, key=lambda r: (r.flagged, r.score)) if scored else None
+        p.flagged = any(r.flagged for r in scored)
+        p.n_unreviewed = sum(1 for lesion in mine if is_unreviewed(results.get(lesion.pk), lesion.last_reviewed_at))
+
+
+@login_required
+def review_queue(request):
+    items = selectors.review_queue(request.user)
+    return render(request, "patients/review_queue.html", {
+        "items": items, "n_flagged": sum(1 for lesion in items if lesion.result.flagged),
+    })
+
+
+@login_required
+def follow_ups(request):
+    try:
+        within = max(0, min(365, int(request.GET.get("within", 30))))
+    except ValueError:
+        within = 30
+    today = timezone.localdate()
+    reviews = list(selectors.follow_ups_due(request.user, within_days=within, today=today))
+    for r in reviews:
+        r.overdue_days = (today - r.follow_up_due).days
+    return render(request, "patients/follow_ups.html", {
+        "reviews": reviews, "within": within, "today": today,
+        "n_overdue": sum(1 for r in reviews if r.overdue_days > 0),
     })
 
 
@@ -195,12 +240,31 @@ def lesion_create(request, pk):
     })
 
 
-def _render_lesion(request, lesion, upload_form=None):
+def _neighbour_lesions(lesion):
+    """The previous and next lesion of the same patient, in the patient page's order."""
+    siblings = list(Lesion.objects.filter(patient_id=lesion.patient_id).only("pk", "label", "anatomic_site"))
+    siblings.sort(key=lambda l: (l.anatomic_site == "", l.anatomic_site.split(":"), l.label.lower(), l.pk))
+    i = next(i for i, l in enumerate(siblings) if l.pk == lesion.pk)
+    return (siblings[i - 1] if i > 0 else None), (siblings[i + 1] if i + 1 < len(siblings) else None)
+
+
+def _render_lesion(request, lesion, upload_form=None, review_form=None):
     images = list(images_in_date_order().filter(lesion=lesion))
     timeline: dict = {}
     for image in images:
         timeline.setdefault(image.acquired_on, []).append(image)
+    reviews = list(lesion.reviews.select_related("reviewed_by", "superseded_by"))
+    result = lesion_results([lesion.pk]).get(lesion.pk)
+    last_reviewed_at = reviews[0].created_at if reviews else None
+    previous_lesion, next_lesion = _neighbour_lesions(lesion)
     return render(request, "patients/lesion_detail.html", {
+        "reviews": reviews,
+        "current_review": reviews[0] if reviews else None,
+        "result": result,
+        "unreviewed": is_unreviewed(result, last_reviewed_at),
+        "review_form": review_form or ReviewForm(),
+        "previous_lesion": previous_lesion,
+        "next_lesion": next_lesion,
         "lesion": lesion,
         "patient": lesion.patient,
         "age": lesion.patient.age_on(timezone.localdate()),
@@ -246,6 +310,19 @@ def _upload_message(outcomes) -> str:
     return "; ".join(parts) + "."
 
 
+def _quality_message(outcomes, names) -> str | None:
+    """"Image quality: a.jpg: looks blurred (...)" for new images with quality warnings, else None."""
+    lines = []
+    for outcome, name in zip(outcomes, names):
+        warnings = (outcome.image.quality or {}).get("warnings") or []
+        if outcome.created and warnings:
+            lines.append(f"{name}: " + "; ".join(w["message"] for w in warnings))
+    if not lines:
+        return None
+    return ("Stored, but check the image quality (a retake may give a more reliable score): "
+            + " · ".join(lines))
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def image_upload(request, pk):
@@ -273,5 +350,113 @@ def image_upload(request, pk):
             form.add_error(None, str(e) or NO_PERMISSION)
         else:
             messages.success(request, _upload_message(outcomes))
+            warning = _quality_message(outcomes, services._client_names(data["files"]))
+            if warning:
+                messages.warning(request, warning)
             return redirect(reverse("patients:lesion_detail", args=[lesion.pk]) + "#images")
     return _render_lesion(request, lesion, upload_form=form)
+
+
+# --- reviews -------------------------------------------------------------------------------------
+
+@login_required
+@require_http_methods(["POST"])
+def review_create(request, pk):
+    lesion = get_lesion(request, pk)
+    form = ReviewForm(request.POST)
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            review = services.record_review(
+                user=request.user, lesion=lesion, decision=data["decision"], note=data["note"],
+                follow_up_months=data["follow_up_months"])
+        except ValidationError as e:
+            add_service_errors(form, e)
+        except PermissionDenied as e:
+            form.add_error(None, str(e) or NO_PERMISSION)
+        else:
+            due = f" Follow-up due {review.follow_up_due:%-d %b %Y}." if review.follow_up_due else ""
+            messages.success(request, f"Review recorded: {review.get_decision_display()}.{due}")
+            if request.POST.get("next") == "queue":
+                return redirect("patients:review_queue")
+            return redirect(reverse("patients:lesion_detail", args=[lesion.pk]) + "#review")
+    return _render_lesion(request, lesion, review_form=form)
+
+
+# --- viewer and comparison -----------------------------------------------------------------------
+
+def _lesion_images(lesion):
+    return list(LesionImage.objects.filter(lesion=lesion).order_by("acquired_on", "uploaded_at", "id")
+                .select_related("uploaded_by"))
+
+
+def _image_results(images):
+    from .results import provider
+
+    module = provider()
+    return module.image_results([i.pk for i in images]) if module is not None and images else {}
+
+
+@login_required
+def image_viewer(request, pk):
+    image = get_object_or_404(selectors.visible_images(request.user), pk=pk)
+    lesion = image.lesion
+    services.record_access(user=request.user, obj=image)
+    images = _lesion_images(lesion)
+    i = next(i for i, im in enumerate(images) if im.pk == image.pk)
+    return render(request, "patients/image_viewer.html", {
+        "image": image, "lesion": lesion, "patient": lesion.patient, "position": i + 1, "total": len(images),
+        "previous_image": images[i - 1] if i > 0 else None,
+        "next_image": images[i + 1] if i + 1 < len(images) else None,
+        "result": _image_results([image]).get(image.pk),
+    })
+
+
+def _span_words(days: int) -> str:
+    """412 days -> "1 year 1 month (412 days)"; short spans in days or weeks."""
+    if days < 0:
+        days = -days
+    if days < 14:
+        return f"{days} day{'s' if days != 1 else ''}"
+    if days < 61:
+        return f"{days // 7} weeks ({days} days)"
+    months = round(days / 30.4375)
+    years, months = divmod(months, 12)
+    parts = []
+    if years:
+        parts.append(f"{years} year{'s' if years != 1 else ''}")
+    if months:
+        parts.append(f"{months} month{'s' if months != 1 else ''}")
+    return f"{' '.join(parts)} ({days} days)"
+
+
+@login_required
+def lesion_compare(request, pk):
+    lesion = get_lesion(request, pk)
+    images = _lesion_images(lesion)
+    by_pk = {im.pk: im for im in images}
+
+    def pick(name, default):
+        try:
+            return by_pk[int(request.GET.get(name, ""))]
+        except (KeyError, ValueError):
+            return default
+
+    first = pick("a", images[0] if images else None)
+    second = pick("b", images[-1] if images else None)
+    if first is not None and second is not None and (first.acquired_on, first.pk) > (second.acquired_on, second.pk):
+        first, second = second, first
+    results = _image_results([im for im in (first, second) if im is not None])
+    ra = results.get(first.pk) if first else None
+    rb = results.get(second.pk) if second else None
+    change = None
+    if ra is not None and rb is not None:
+        same_version = ra.version.pk == rb.version.pk
+        change = {"points": (rb.score - ra.score) * 100, "same_version": same_version}
+    services.record_access(user=request.user, obj=lesion)
+    return render(request, "patients/lesion_compare.html", {
+        "lesion": lesion, "patient": lesion.patient, "images": images, "first": first, "second": second,
+        "result_a": ra, "result_b": rb, "change": change,
+        "days": (second.acquired_on - first.acquired_on).days if first and second else None,
+        "span": _span_words((second.acquired_on - first.acquired_on).days) if first and second else "",
+    })

@@ -134,9 +134,13 @@ def test_clinician_creates_patient_and_lesion_and_uploads_three_images(live_serv
     page.wait_for_function(ALL_LOADED, arg=".thumb img")
     page.screenshot(path=str(tmp_path / "patient.png"), full_page=True)
 
-    # And the full image behind a thumbnail loads too (served by the access-checked media view).
+    # And the full image behind a thumbnail loads too, in the in-app viewer (served by the
+    # access-checked media view).
     page.goto(page.locator(".thumb a").first.get_attribute("href"))  # the lesion page
-    full = page.locator(".image-link").first.get_attribute("href")
+    page.locator(".image-link").first.click()
+    viewer_img = page.locator("[data-zoom-image]")
+    page.wait_for_function(ALL_LOADED, arg="[data-zoom-image]")
+    full = viewer_img.get_attribute("src")
     response = page.request.get(live_server.url + full)
     assert response.status == 200 and response.headers["content-type"].startswith("image/")
     assert (tmp_path / "lesion.png").stat().st_size > 0 and (tmp_path / "patient.png").stat().st_size > 0

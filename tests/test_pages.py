@@ -136,7 +136,7 @@ def test_patient_page_empty_state_offers_add_lesion(on_team, patient):
     assert "No lesions yet" in html and reverse("patients:lesion_create", args=[patient.pk]) in html
 
 
-def test_lesion_page_shows_timeline_full_image_links_and_upload_form(on_team, objects, monkeypatch):
+def test_lesion_page_shows_timeline_viewer_links_and_upload_form(on_team, objects, monkeypatch):
     seen = []
     monkeypatch.setattr(services, "record_access", lambda *, user, obj: seen.append(obj))
     lesion, image = objects["lesion"], objects["image"]
@@ -154,7 +154,8 @@ def test_lesion_page_shows_timeline_full_image_links_and_upload_form(on_team, ob
     assert html.index("1 Mar 2024") < html.index("1 Sep 2024")  # date order
     for img in (image, later):
         assert reverse("patients:image_thumbnail", args=[img.pk]) in html
-        assert reverse("patients:image_file", args=[img.pk]) in html
+        # The thumbnail opens the in-app viewer (zoom, keyboard), which loads the protected file.
+        assert reverse("patients:image_viewer", args=[img.pk]) in html
     assert re.search(r'<input type="file" name="files"[^>]*multiple', html)
     assert f'type="date" name="acquired_on" value="{timezone.localdate().isoformat()}"' in html
     assert "js/upload.js" in html

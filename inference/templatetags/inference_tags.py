@@ -5,7 +5,7 @@ this costs no query per image; the active model version is looked up once per re
 """
 from django import template
 
-from .. import services
+from .. import scoring, services
 
 register = template.Library()
 
@@ -23,18 +23,8 @@ def _active_version(context):
 
 
 def _threshold_for(analysis, version) -> float:
-    """The operating threshold on the scale of the score shown: a context-adjusted final score is
-    compared with the context model's threshold (inference.context decides), else the card's."""
-    if analysis is not None and analysis.final_score is not None and analysis.final_score_source == "context":
-        try:
-            from ..context import score_threshold
-
-            value = score_threshold(version)
-            if value is not None:
-                return float(value)
-        except Exception:  # noqa: BLE001 -- never break a page over the colour of a badge
-            pass
-    return float(version.threshold)
+    """The operating threshold on the scale of the score shown (inference.scoring decides)."""
+    return scoring.threshold_for(analysis, version)
 
 
 @register.simple_tag(takes_context=True)
@@ -58,7 +48,7 @@ def image_result(context, image):
     level = threshold = None
     if score is not None and version is not None:
         threshold = _threshold_for(analysis, version)
-        level = "high" if score >= threshold else ("intermediate" if score >= threshold / 2 else "low")
+        level = scoring.level_for(score, threshold, scoring.is_flagged(analysis, threshold=threshold))
     return {
         "analysis": analysis, "version": version, "state": state, "score": score, "level": level,
         "threshold": threshold,
@@ -74,3 +64,11 @@ def percent(value, digits=0):
         return f"{float(value) * 100:.{int(digits)}f}%"
     except (TypeError, ValueError):
         return "–"
+
+
+@register.inclusion_tag("inference/_score_badge.html")
+def score_badge(result, compact=False):
+    """A lesion's (or image's) current score as a badge naming the model version that produced it.
+
+    ``result`` is an ``inference.scoring.LesionResult`` (or None: "no result yet")."""
+    return {"result": result, "compact": compact}

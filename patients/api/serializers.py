@@ -3,7 +3,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ..models import CareTeam, Lesion, LesionImage, Patient
+from ..models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from ..selectors import visible_lesions, visible_patients
 from ..vocabulary import ANATOMIC_SITE_CHOICES, DIAGNOSIS_CHOICES, FITZPATRICK_CHOICES
 
@@ -135,10 +135,14 @@ class LesionImageSerializer(serializers.ModelSerializer):
         model = LesionImage
         fields = [
             "id", "lesion", "patient", "sha256", "upload_sha256", "width", "height", "size_bytes", "format",
-            "original_format", "image_type", "acquired_on", "uploaded_by", "uploaded_at", "file_url",
+            "original_format", "image_type", "acquired_on", "uploaded_by", "uploaded_at", "quality", "file_url",
             "thumbnail_url", "analyses_url",
         ]
         read_only_fields = fields
+        extra_kwargs = {"quality": {"help_text": (
+            "Upload quality check (warnings only, never a refusal): short_side (px), sharpness (variance "
+            "of the Laplacian), brightness (0-255), dark/bright_fraction, and warnings [{code: small | "
+            "blurred | underexposed | overexposed, message}]. Empty when not assessed.")}}
 
     @extend_schema_field(serializers.URLField())
     def get_file_url(self, obj) -> str:
@@ -195,3 +199,27 @@ class NestedImageUploadSerializer(ImageUploadSerializer):
     """Upload under ``lesions/{id}/images/``: the lesion comes from the URL."""
 
     lesion = None
+
+
+class LesionReviewSerializer(serializers.ModelSerializer):
+    """A review decision on a lesion. Append-only: create a new one to change a decision."""
+
+    lesion = VisibleLesionField(help_text="Lesion id (a lesion you can see).")
+    patient = serializers.IntegerField(source="lesion.patient_id", read_only=True)
+    decision = serializers.ChoiceField(choices=LesionReview.Decision.choices)
+    note = serializers.CharField(required=False, allow_blank=True, max_length=5000)
+    follow_up_months = serializers.IntegerField(
+        required=False, allow_null=True, min_value=1, max_value=60,
+        help_text="Follow-up interval in months (1-60); sets follow_up_due. Omit for no follow-up.")
+    reviewed_by = serializers.CharField(source="reviewed_by.username", read_only=True)
+    in_force = serializers.SerializerMethodField(help_text="False once a later review of the lesion supersedes it.")
+
+    class Meta:
+        model = LesionReview
+        fields = ["id", "lesion", "patient", "decision", "note", "follow_up_months", "follow_up_due",
+                  "supersedes", "in_force", "result_snapshot", "reviewed_by", "created_at"]
+        read_only_fields = ["id", "follow_up_due", "supersedes", "result_snapshot", "reviewed_by", "created_at"]
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_in_force(self, obj) -> bool:
+        return obj.is_current

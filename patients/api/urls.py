@@ -1,7 +1,14 @@
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from .views import LesionImagesView, LesionImageViewSet, LesionViewSet, PatientLesionsView, PatientViewSet
+from .views import (
+    LesionImagesView,
+    LesionImageViewSet,
+    LesionReviewViewSet,
+    LesionViewSet,
+    PatientLesionsView,
+    PatientViewSet,
+)
 
 app_name = "api"
 
@@ -9,6 +16,7 @@ router = DefaultRouter()
 router.register("patients", PatientViewSet, basename="patient")
 router.register("lesions", LesionViewSet, basename="lesion")
 router.register("images", LesionImageViewSet, basename="image")
+router.register("reviews", LesionReviewViewSet, basename="review")
 
 urlpatterns = [
     path("patients/<int:patient_pk>/lesions/", PatientLesionsView.as_view(), name="patient-lesions"),

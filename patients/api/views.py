@@ -6,6 +6,8 @@ patients.services; a Django ValidationError from a service becomes a 400 with fi
 """
 import json
 
+import django_filters
+
 from django.conf import settings
 from django.core.exceptions import NON_FIELD_ERRORS, RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -18,12 +20,14 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from .. import media, services
-from ..selectors import visible_images, visible_lesions, visible_patients
+from ..models import LesionReview
+from ..selectors import visible_images, visible_lesions, visible_patients, visible_reviews
 from ..uploads import UploadRejected
 from .filters import LesionFilter, LesionImageFilter, PatientFilter
 from .serializers import (
     ImageUploadSerializer,
     LesionImageSerializer,
+    LesionReviewSerializer,
     LesionSerializer,
     NestedImageUploadSerializer,
     NestedLesionSerializer,
@@ -285,3 +289,39 @@ class LesionImagesView(ServiceErrorsMixin, generics.ListAPIView):
     )
     def post(self, request, *args, **kwargs):
         return _upload(self, request, lesion=self.get_lesion())
+
+
+class LesionReviewFilter(django_filters.FilterSet):
+    patient = django_filters.NumberFilter(field_name="lesion__patient_id")
+    in_force = django_filters.BooleanFilter(field_name="superseded_by", lookup_expr="isnull",
+                                            help_text="true: only the review in force of each lesion.")
+    follow_up_due_before = django_filters.DateFilter(field_name="follow_up_due", lookup_expr="lte")
+
+    class Meta:
+        model = LesionReview
+        fields = ["lesion", "patient", "decision", "in_force", "follow_up_due_before"]
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Review decisions on the lesions of the patients you can see, newest first"),
+    retrieve=extend_schema(summary="One review decision"),
+    create=extend_schema(summary="Record a review decision on a lesion (supersedes the lesion's previous one)"),
+)
+@extend_schema(tags=["reviews"])
+class LesionReviewViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+                          mixins.CreateModelMixin, viewsets.GenericViewSet):
+    """Append-only: reviews are never edited or deleted; a later review of the lesion supersedes."""
+
+    serializer_class = LesionReviewSerializer
+    filterset_class = LesionReviewFilter
+    ordering_fields = ["created_at", "follow_up_due"]
+    ordering = ["-created_at", "-id"]
+
+    def get_queryset(self):
+        return visible_reviews(self.request.user)
+
+    def perform_create(self, serializer):
+        data = serializer.validated_data
+        serializer.instance = services.record_review(
+            user=self.request.user, lesion=data["lesion"], decision=data["decision"],
+            note=data.get("note", ""), follow_up_months=data.get("follow_up_months"))
