@@ -16,8 +16,8 @@ def _pdf_response(pdf: bytes, filename: str) -> HttpResponse:
     return response
 
 
-@require_safe
 @login_required
+@require_safe
 @never_cache
 def patient_report(request, pk):
     patient = get_patient(request, pk)
@@ -25,8 +25,8 @@ def patient_report(request, pk):
     return _pdf_response(pdf, f"report-{patient.mrn}.pdf".replace('"', ""))
 
 
-@require_safe
 @login_required
+@require_safe
 @never_cache
 def lesion_report(request, pk):
     lesion = get_lesion(request, pk)

@@ -300,9 +300,9 @@ def decode(data: bytes) -> tuple[Image.Image, str]:
 QUALITY_VERSION = 1
 MIN_SHORT_SIDE = 400  # px; smaller images are accepted with a warning
 BLUR_ANALYSIS_SIDE = 512  # the sharpness is measured on a copy at most this large (scale-independent)
-MIN_SHARPNESS = 20.0  # variance of the Laplacian of the grey image below this: blurred
+MIN_SHARPNESS = 10.0  # variance of the Laplacian of the grey image below this: blurred
 DARK_MEAN, BRIGHT_MEAN = 45.0, 215.0  # mean grey level (0..255) outside these: under/over-exposed
-CLIPPED_FRACTION = 0.25  # or this share of pixels crushed to black / blown to white
+CLIPPED_FRACTION = 0.25  # or this share of the centre crushed to black / blown to white
 
 
 def _laplacian_variance(grey):
@@ -331,7 +331,10 @@ def assess_quality(img: Image.Image) -> dict:
     probe = grey.copy()
     probe.thumbnail((BLUR_ANALYSIS_SIDE, BLUR_ANALYSIS_SIDE), Image.Resampling.BILINEAR)
     sharpness = _laplacian_variance(probe)
-    pixels = np.asarray(probe, dtype=np.uint8)
+    # Exposure is judged on the central half (width and height), where the lesion is: dermoscopes
+    # leave black corners outside the round field of view, which are not under-exposure.
+    pw, ph = probe.size
+    pixels = np.asarray(probe, dtype=np.uint8)[ph // 4: ph - ph // 4 or ph, pw // 4: pw - pw // 4 or pw]
     brightness = float(pixels.mean())
     dark = float((pixels <= 10).mean())
     bright = float((pixels >= 245).mean())

@@ -64,9 +64,14 @@ OBJECT_URLS = [
     ("patients:image_upload", "lesion"),
     ("patients:image_file", "image"),
     ("patients:image_thumbnail", "image"),
+    ("patients:image_viewer", "image"),
+    ("patients:lesion_compare", "lesion"),
+    ("patients:patient_report", "patient"),
+    ("patients:lesion_report", "lesion"),
 ]
 PAGE_URLS = [u for u in OBJECT_URLS if u[0] not in ("patients:image_file", "patients:image_thumbnail",
-                                                     "patients:image_upload")]
+                                                     "patients:image_upload", "patients:patient_report",
+                                                     "patients:lesion_report")]
 
 
 def url_of(objects, name, kind):
@@ -250,7 +255,8 @@ def test_staff_worklist_shows_every_team(client, staff, objects, other_team):
     assert objects["patient"].mrn in html and foreign.mrn in html
 
 
-@pytest.mark.parametrize("name,kind", [("patients:worklist", None), ("patients:patient_create", None)] + OBJECT_URLS)
+@pytest.mark.parametrize("name,kind", [("patients:worklist", None), ("patients:patient_create", None),
+                                       ("patients:review_queue", None), ("patients:follow_ups", None)] + OBJECT_URLS)
 def test_anonymous_is_sent_to_login_on_every_url(client, objects, name, kind):
     url = reverse(name) if kind is None else url_of(objects, name, kind)
     for method in ("get", "post"):
