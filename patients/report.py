@@ -137,7 +137,7 @@ def render_report(*, patient: Patient, lesions, generated_by, title: str) -> byt
         if r is not None:
             facts.append(f"Current score {_pct(r.score)} by model {r.version.name}"
                          + (" — FLAGGED (at or above the operating threshold)" if r.flagged else "")
-                         + f"; threshold {_pct(r.threshold)}")
+                         + f"; operating threshold {r.threshold * 100:.1f}%")
         if lesion.notes:
             facts.append(f"Notes: {lesion.notes}")
         block += [_p(f, s["body"]) for f in facts]
@@ -179,7 +179,7 @@ def render_report(*, patient: Patient, lesions, generated_by, title: str) -> byt
         story.append(_p("No model results in this report.", s["body"]))
     for v in versions.values():
         m = v.metrics or {}
-        lines = [f"{v.name}: {v.architecture}, {v.input_size} px input, operating threshold {_pct(v.threshold)}."]
+        lines = [f"{v.name}: {v.architecture}, {v.input_size} px input, operating threshold {v.threshold * 100:.1f}%."]
         for key, label in (("roc_auc", "ROC-AUC"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity")):
             text = _metric(m, key)
             if text:
