@@ -1,6 +1,9 @@
 """Model versions and the analyses they produce. No torch here: the web process imports this."""
+import logging
+import uuid
+
 import numpy as np
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 
 from patients.models import LesionImage
@@ -97,6 +100,10 @@ class ModelVersion(models.Model):
         return None
 
 
+def _heatmap_path(instance, filename):
+    return f"heatmaps/{uuid.uuid4().hex}.png"
+
+
 class Analysis(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -130,6 +137,11 @@ class Analysis(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     context_updated_at = models.DateTimeField(null=True, blank=True)
+    # Explanation heatmap (Grad-CAM), computed by the worker after the score: a private derived
+    # image, served only through the access-checked heatmap view.
+    heatmap = models.FileField(upload_to=_heatmap_path, max_length=255, blank=True, editable=False)
+    heatmap_info = models.JSONField(default=dict, blank=True,
+                                    help_text="How the heatmap was made (method, input size), or why it failed.")
 
     class Meta:
         ordering = ["-queued_at"]
@@ -158,3 +170,23 @@ class Analysis(models.Model):
 
     def set_embedding(self, vector) -> None:
         self.embedding = np.asarray(vector, dtype=np.float32).tobytes()
+
+
+def _remove_heatmap_file(sender, instance, **kwargs):
+    """A deleted analysis (cascade from its image) takes its heatmap file once the deletion commits."""
+    name = instance.heatmap.name if instance.heatmap else ""
+    if not name:
+        return
+    storage = instance.heatmap.storage
+
+    def remove():
+        try:
+            storage.delete(name)
+        except OSError:
+            logging.getLogger(__name__).exception("could not remove %s", name)
+
+    transaction.on_commit(remove)
+
+
+models.signals.post_delete.connect(_remove_heatmap_file, sender=Analysis,
+                                   dispatch_uid="inference.remove_heatmap_file")

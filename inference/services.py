@@ -369,11 +369,18 @@ def complete_analysis(*, analysis: Analysis, token: str, probability: float, emb
     import numpy as np
 
     emb = np.asarray(embedding, dtype=np.float32).tobytes()
+    # A re-analysis replaces the explanation too: the old heatmap goes (the new one follows the score).
+    old_heatmap = Analysis.objects.filter(pk=analysis.pk).values_list("heatmap", flat=True).first() or ""
     n = Analysis.objects.filter(pk=analysis.pk, claim_token=token, status=Analysis.Status.RUNNING).update(
         status=Analysis.Status.DONE, probability=float(probability), embedding=emb, timings=timings,
         member_probabilities=member_probabilities or None,
         finished_at=timezone.now(), error="", final_score=float(probability), final_score_source="image",
+        heatmap="", heatmap_info={},
     )
+    if n and old_heatmap:
+        from django.core.files.storage import default_storage
+
+        transaction.on_commit(lambda: default_storage.delete(old_heatmap))
     return bool(n)
 
 
@@ -418,6 +425,45 @@ def sweep_stale(*, limit: int = 1000) -> dict:
         _send(ids, on_commit=False)
         log.info("sweeper re-sent %d stale analyses", len(ids))
     return {"requeued": len(ids), "failed": failed}
+
+
+# ------------------------------------------------------------------ explanation heatmaps
+
+def heatmaps_enabled() -> bool:
+    return bool(getattr(settings, "ANALYSIS_HEATMAPS", True))
+
+
+def queue_heatmap(*, analysis_id: int) -> None:
+    """Compute the analysis's heatmap after the current transaction commits (never before the score)."""
+    from .tasks import compute_heatmap
+
+    if heatmaps_enabled():
+        compute_heatmap.delay_on_commit(analysis_id)
+
+
+def heatmap_to_compute(*, analysis_id: int) -> Analysis | None:
+    """The analysis if it is done and has no heatmap yet (else None: nothing to do, idempotent)."""
+    return (Analysis.objects.filter(pk=analysis_id, status=Analysis.Status.DONE, heatmap="")
+            .select_related("model_version", "image").defer("embedding").first())
+
+
+def store_heatmap(*, analysis: Analysis, png: bytes, info: dict) -> bool:
+    """Store a heatmap for a done analysis that has none; False (file removed) if another run or a
+    re-analysis got there first. The file is written before the row claims it."""
+    from django.core.files.base import ContentFile
+
+    name = Analysis._meta.get_field("heatmap").generate_filename(analysis, "heatmap.png")
+    storage = analysis.heatmap.storage
+    name = storage.save(name, ContentFile(png))
+    stored = Analysis.objects.filter(pk=analysis.pk, status=Analysis.Status.DONE, heatmap="").update(
+        heatmap=name, heatmap_info={**info, "computed_at": timezone.now().isoformat()})
+    if not stored:
+        storage.delete(name)
+    return bool(stored)
+
+
+def fail_heatmap(*, analysis: Analysis, reason: str) -> None:
+    Analysis.objects.filter(pk=analysis.pk, heatmap="").update(heatmap_info={"error": reason[:500]})
 
 
 # ------------------------------------------------------------------ pages: bounded queries

@@ -134,6 +134,9 @@ def run_claimed(token: str, claimed, model=None) -> int:
             patients.add(a.image.lesion.patient_id)
     for patient_id in sorted(patients):
         transaction.on_commit(lambda p=patient_id: rescore_patient.delay(p, version.pk))
+    # Explanation heatmaps come after the scores, as their own tasks: they never delay a score.
+    for a in ok:
+        services.queue_heatmap(analysis_id=a.pk)
     return n
 
 
@@ -144,6 +147,41 @@ def rescore_patient(self, patient_id: int, model_version_id: int) -> int:
     from .context import rescore_patient as rescore
 
     return rescore(patient_id=patient_id, model_version_id=model_version_id)
+
+
+@shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+             soft_time_limit=SOFT_TIME_LIMIT, time_limit=HARD_TIME_LIMIT, **DB_RETRY)
+def compute_heatmap(self, analysis_id: int) -> bool:
+    """Grad-CAM heatmap of a done analysis, with the network that scored it. Idempotent: an
+    analysis that already has one (or is no longer done) is left alone. Returns whether one was stored."""
+    return make_heatmap(analysis_id)
+
+
+def make_heatmap(analysis_id: int) -> bool:
+    from . import services
+    from .heatmap import explain_image
+
+    analysis = services.heatmap_to_compute(analysis_id=analysis_id)
+    if analysis is None:
+        return False
+    model = load_model(analysis.model_version)
+    if isinstance(model, Exception):
+        services.fail_heatmap(analysis=analysis, reason=f"model could not be loaded: {model}")
+        return False
+    pred = model[0]
+    t0 = time.perf_counter()
+    try:
+        with analysis.image.file.open("rb") as fh:
+            png, info = explain_image(pred, fh, width=analysis.image.width, height=analysis.image.height)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- an explanation failing never touches the score
+        log.exception("heatmap of analysis %s failed", analysis_id)
+        services.fail_heatmap(analysis=analysis, reason=f"{type(exc).__name__}: {exc}")
+        return False
+    info["ms"] = round((time.perf_counter() - t0) * 1000, 1)
+    info["model_version"] = analysis.model_version.name
+    return services.store_heatmap(analysis=analysis, png=png, info=info)
 
 
 @shared_task(ignore_result=True, soft_time_limit=60, time_limit=90, **DB_RETRY)

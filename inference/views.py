@@ -1,14 +1,15 @@
-"""The polling fragment (the analysis result of one image, as the partial's HTML) and the model
-card pages."""
+"""The polling fragment (the analysis result of one image, as the partial's HTML), the model card
+pages and the heatmap file."""
 from django.contrib.auth.decorators import login_required
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_safe
 
+from patients.media import serve_stored_file
 from patients.models import LesionImage, Patient
 
 from . import services
-from .models import ModelVersion
+from .models import Analysis, ModelVersion
 
 
 @require_GET
@@ -39,3 +40,23 @@ def model_version_detail(request, pk):
     data provenance and the validation status."""
     version = get_object_or_404(ModelVersion, pk=pk)
     return render(request, "inference/model_version_detail.html", {"v": version})
+
+
+def get_visible_analysis(user, pk) -> Analysis:
+    """The analysis ``pk`` if its image's patient is visible to ``user``; 404 otherwise (never 403)."""
+    return get_object_or_404(
+        Analysis.objects.filter(image__lesion__patient__in=Patient.objects.visible_to(user))
+        .select_related("image__lesion__patient").defer("embedding"), pk=pk)
+
+
+def serve_heatmap(request, analysis: Analysis, *, user=None):
+    """The analysis's heatmap PNG, with the same access check, audit entry and headers as the image."""
+    etag = f'"heatmap-{analysis.pk}-{analysis.heatmap.name.rsplit("/", 1)[-1]}"' if analysis.heatmap else None
+    return serve_stored_file(request, image=analysis.image, field=analysis.heatmap, content_type="image/png",
+                             etag=etag, filename=f"heatmap-analysis-{analysis.pk}.png", user=user)
+
+
+@require_safe
+@login_required
+def analysis_heatmap(request, pk):
+    return serve_heatmap(request, get_visible_analysis(request.user, pk))

@@ -216,6 +216,8 @@ ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
 ANALYSIS_BATCH_SIZE = env.int("ANALYSIS_BATCH_SIZE", default=8)
 ANALYSIS_SOFT_TIME_LIMIT = env.int("ANALYSIS_SOFT_TIME_LIMIT", default=300)
 ANALYSIS_TIME_LIMIT = env.int("ANALYSIS_TIME_LIMIT", default=360)
+# Grad-CAM explanation heatmaps, computed by the worker after each score (its own task).
+ANALYSIS_HEATMAPS = env.bool("ANALYSIS_HEATMAPS", default=True)
 # bf16 inference is used only where it stays this close to fp32 on a probe batch.
 ANALYSIS_BF16_TOLERANCE = env.float("ANALYSIS_BF16_TOLERANCE", default=0.01)
 # Threads torch uses in a worker process: env WORKER_THREADS (default: the CPUs given to it).

@@ -38,7 +38,6 @@ def get_visible_image(user, pk) -> LesionImage:
 
 def serve_image(request, image: LesionImage, kind: str = FILE, *, user=None):
     """Stream the stored file (or thumbnail) of an image the caller already looked up as visible."""
-    user = user if user is not None else request.user
     if kind == THUMBNAIL:
         field, content_type, extension = image.thumbnail, "image/jpeg", "jpg"
         etag = f'"{image.sha256}-thumbnail"' if image.sha256 else None
@@ -47,6 +46,18 @@ def serve_image(request, image: LesionImage, kind: str = FILE, *, user=None):
         content_type = CONTENT_TYPES.get(image.format, "application/octet-stream")
         extension = EXTENSIONS.get(image.format, "bin")
         etag = f'"{image.sha256}"' if image.sha256 else None
+    filename = f"image-{image.pk}{'-thumbnail' if kind == THUMBNAIL else ''}.{extension}"
+    return serve_stored_file(request, image=image, field=field, content_type=content_type, etag=etag,
+                             filename=filename, user=user)
+
+
+def serve_stored_file(request, *, image: LesionImage, field, content_type: str, etag: str | None,
+                      filename: str, user=None):
+    """Stream a private file that belongs to ``image`` (the image itself, its thumbnail, or a file
+    derived from it by another app, such as an explanation heatmap), to a caller who already
+    looked the image up through ``visible_images``. Recorded in the audit trail as a view of the
+    image; the browser must revalidate every use."""
+    user = user if user is not None else request.user
     if not field or not field.name:
         raise Http404("No file stored for this image.")
     services.record_access(user=user, obj=image)
@@ -58,7 +69,6 @@ def serve_image(request, image: LesionImage, kind: str = FILE, *, user=None):
         except FileNotFoundError:
             logger.error("stored file missing for image %s: %s", image.pk, field.name)
             raise Http404("The stored file is missing.") from None
-        filename = f"image-{image.pk}{'-thumbnail' if kind == THUMBNAIL else ''}.{extension}"
         response = FileResponse(handle, content_type=content_type, as_attachment=False, filename=filename)
     if etag:
         response["ETag"] = etag

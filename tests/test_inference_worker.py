@@ -145,6 +145,14 @@ def test_upload_is_analysed_by_the_worker_like_a_direct_predictor_call(worker, a
     assert "Not validated for clinical use" in html and "data-poll-url" not in html
     print(f"3 uploads analysed by the worker in {elapsed:.1f}s (including its first model load)")
 
+    # After the scores, the worker makes each analysis's Grad-CAM heatmap (its own task).
+    wait_for(lambda: Analysis.objects.filter(image__in=images).exclude(heatmap="").count() == 3, timeout=60,
+             message="3 heatmaps", worker=worker)
+    a = Analysis.objects.get(pk=item["id"])
+    assert a.heatmap_info["method"] == "grad-cam" and a.heatmap_info["model_version"] == version.name
+    png = api.get(f"/api/v1/analyses/{a.pk}/heatmap/", HTTP_ACCEPT="image/*")
+    assert png.status_code == 200 and png["Content-Type"] == "image/png"
+
 
 def test_duplicate_delivery_leaves_one_result(worker, lesion, tiny_ckpt):
     from inference.tasks import analyze_image

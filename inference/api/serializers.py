@@ -45,6 +45,9 @@ class AnalysisSerializer(serializers.ModelSerializer):
     lesion = serializers.IntegerField(source="image.lesion_id", read_only=True)
     patient = serializers.IntegerField(source="image.lesion.patient_id", read_only=True)
     embedding_dim = serializers.IntegerField(read_only=True, allow_null=True)
+    heatmap_url = serializers.SerializerMethodField(
+        help_text="Grad-CAM heatmap (transparent PNG at the image's proportions), once the worker has made "
+                  "it; null before. Served with the same access check as the image.")
 
     class Meta:
         model = Analysis
@@ -52,6 +55,14 @@ class AnalysisSerializer(serializers.ModelSerializer):
             "id", "image", "lesion", "patient", "status", "probability", "member_probabilities",
             "final_score", "final_score_source",
             "context_features", "model_version", "error", "attempts", "timings", "embedding_dim",
-            "queued_at", "started_at", "finished_at",
+            "heatmap_url", "heatmap_info", "queued_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(serializers.URLField(allow_null=True))
+    def get_heatmap_url(self, obj):
+        if not obj.heatmap:
+            return None
+        request = self.context.get("request")
+        path = f"/api/v1/analyses/{obj.pk}/heatmap/"
+        return request.build_absolute_uri(path) if request is not None else path

@@ -1,8 +1,11 @@
 import django_filters
 from django.shortcuts import get_object_or_404
-from drf_spectacular.utils import extend_schema
-from rest_framework import generics, viewsets
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import generics, renderers, viewsets
+from rest_framework.decorators import action
 
+from patients.api.views import ImageRenderer
 from patients.models import LesionImage, Patient
 
 from ..models import Analysis, ModelVersion
@@ -38,6 +41,18 @@ class AnalysisViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         return visible_analyses(self.request.user)
+
+    @extend_schema(summary="The analysis's Grad-CAM heatmap (transparent PNG over the image; 404 until made)",
+                   responses={(200, "image/png"): OpenApiTypes.BINARY,
+                              404: OpenApiResponse(description="No such analysis, not one of your patients', "
+                                                               "or no heatmap yet.")})
+    @action(detail=True, methods=["get"], renderer_classes=[renderers.JSONRenderer, ImageRenderer],
+            filter_backends=[], pagination_class=None)
+    def heatmap(self, request, pk=None):
+        from ..views import serve_heatmap
+
+        analysis = self.get_object()
+        return serve_heatmap(request, analysis, user=request.user)
 
 
 @extend_schema(tags=["analyses"])

@@ -24,10 +24,10 @@
     var g = group(name);
     clamp(g);
     g.viewports.forEach(function (vp) {
-      var img = vp.querySelector("[data-zoom-image]");
-      if (!img) { return; }
       var w = vp.clientWidth, h = vp.clientHeight;
-      img.style.transform = "translate(" + (g.x * w) + "px," + (g.y * h) + "px) scale(" + g.scale + ")";
+      var t = "translate(" + (g.x * w) + "px," + (g.y * h) + "px) scale(" + g.scale + ")";
+      // The image and its heatmap overlay (same proportions) move together.
+      vp.querySelectorAll("[data-zoom-image]").forEach(function (img) { img.style.transform = t; });
       vp.setAttribute("data-zoom-scale", g.scale.toFixed(3));
     });
     document.querySelectorAll('[data-zoom-level][data-zoom-group="' + name + '"]').forEach(function (el) {
@@ -93,6 +93,19 @@
       else { reset(name); }
     });
   });
+  function toggleHeatmaps(btn) {
+    var on = btn.getAttribute("aria-pressed") !== "true";
+    var name = btn.getAttribute("data-zoom-group") || "default";
+    group(name).viewports.forEach(function (vp) {
+      vp.querySelectorAll("[data-heatmap]").forEach(function (img) { img.hidden = !on; });
+    });
+    btn.setAttribute("aria-pressed", on ? "true" : "false");
+    btn.textContent = on ? "Hide heatmap" : "Show heatmap";
+  }
+  document.querySelectorAll("[data-heatmap-toggle]").forEach(function (btn) {
+    btn.addEventListener("click", function () { toggleHeatmaps(btn); });
+  });
+
   document.addEventListener("keydown", function (e) {
     var t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey || (t && (/^(INPUT|TEXTAREA|SELECT)$/.test(t.tagName) || t.isContentEditable))) { return; }
@@ -101,6 +114,10 @@
     if (e.key === "+" || e.key === "=") { names.forEach(function (n) { zoomAt(n, STEP, 0.5, 0.5); }); e.preventDefault(); }
     else if (e.key === "-" || e.key === "_") { names.forEach(function (n) { zoomAt(n, 1 / STEP, 0.5, 0.5); }); e.preventDefault(); }
     else if (e.key === "0") { names.forEach(reset); e.preventDefault(); }
+    else if (e.key === "h") {
+      document.querySelectorAll("[data-heatmap-toggle]").forEach(toggleHeatmaps);
+      e.preventDefault();
+    }
   });
   window.addEventListener("resize", function () { Object.keys(groups).forEach(render); });
   Object.keys(groups).forEach(render);
