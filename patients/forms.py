@@ -135,6 +135,9 @@ class LesionForm(forms.ModelForm):
             "body_map_y": forms.NumberInput(attrs={"min": 0, "max": 1, "step": "any", "inputmode": "decimal"}),
             "notes": forms.Textarea(attrs={"rows": 5}),
             "label": forms.TextInput(attrs={"autocomplete": "off"}),
+            # Long vocabularies (about 200 sites, 400 diagnoses): pickers.js adds a search box.
+            "anatomic_site": forms.Select(attrs={"data-searchable": "sites"}),
+            "diagnosis": forms.Select(attrs={"data-searchable": "diagnoses"}),
         }
 
     def __init__(self, *args, **kwargs):

@@ -17,7 +17,7 @@ from django.utils.module_loading import import_string
 from django.views.decorators.http import require_http_methods
 
 
-from . import selectors, services
+from . import bodymap, selectors, services
 from .forms import ImageUploadForm, LesionForm, PatientCreateForm, PatientForm, ReviewForm, add_service_errors
 from .models import Lesion, LesionImage, LesionReview, Patient
 from .results import is_unreviewed, lesion_results
@@ -162,7 +162,12 @@ def patient_detail(request, pk):
     services.record_access(user=request.user, obj=patient)
     lesions = list(patient.lesions.prefetch_related(Prefetch("images", queryset=images_in_date_order())))
     n_images = sum(len(lesion.images.all()) for lesion in lesions)
+    results = lesion_results(lesion.pk for lesion in lesions)
+    dots = [d for d in (bodymap.dot(lesion, results.get(lesion.pk),
+                                    url=reverse("patients:lesion_detail", args=[lesion.pk])) for lesion in lesions) if d]
     return render(request, "patients/patient_detail.html", {
+        "body_map_dots": dots,
+        "n_unplaced": len(lesions) - len(dots),
         "patient": patient,
         "age": patient.age_on(timezone.localdate()),
         "lesion_groups": _lesion_groups(lesions),
@@ -214,6 +219,21 @@ def patient_edit(request, pk):
 
 # --- lesions -------------------------------------------------------------------------------------
 
+def _body_map_input(form) -> dict:
+    """The clickable body map of the lesion form: its regions and the current position's marker."""
+    def number(name):
+        value = form[name].value()
+        try:
+            return None if value in (None, "") else float(value)
+        except (TypeError, ValueError):
+            return None
+
+    x, y = number("body_map_x"), number("body_map_y")
+    marker = ({"x": round(x * bodymap.WIDTH, 2), "y": round(y * bodymap.HEIGHT, 2)}
+              if x is not None and y is not None and 0 <= x <= 1 and 0 <= y <= 1 else None)
+    return {"regions": bodymap.REGIONS, "marker": marker}
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def lesion_create(request, pk):
@@ -235,6 +255,7 @@ def lesion_create(request, pk):
             messages.success(request, f"Lesion {lesion.label} added. Upload its images below.")
             return redirect("patients:lesion_detail", pk=lesion.pk)
     return render(request, "patients/lesion_form.html", {
+        **_body_map_input(form),
         "form": form, "patient": patient, "title": "New lesion", "submit": "Add lesion",
         "cancel_url": reverse("patients:patient_detail", args=[patient.pk]),
     })
@@ -262,6 +283,7 @@ def _render_lesion(request, lesion, upload_form=None, review_form=None):
         "current_review": reviews[0] if reviews else None,
         "result": result,
         "unreviewed": is_unreviewed(result, last_reviewed_at),
+        "body_map_dots": [d for d in [bodymap.dot(lesion, result)] if d],
         "review_form": review_form or ReviewForm(),
         "previous_lesion": previous_lesion,
         "next_lesion": next_lesion,
@@ -292,6 +314,7 @@ def lesion_edit(request, pk):
             saved="Lesion saved."):
         return redirect("patients:lesion_detail", pk=lesion.pk)
     return render(request, "patients/lesion_form.html", {
+        **_body_map_input(form),
         "form": form, "patient": lesion.patient, "lesion": lesion, "title": f"Edit lesion {lesion.label}",
         "submit": "Save changes", "cancel_url": reverse("patients:lesion_detail", args=[lesion.pk]),
     })

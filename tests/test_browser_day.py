@@ -72,16 +72,26 @@ def day_records(transactional_db):
     clinician = UserFactory(username="dr_day", first_name="Dana", last_name="Day")
     team = CareTeamFactory(name="Dermatology day", members=[clinician])
     other = CareTeamFactory(name="Other team", members=[UserFactory(username="dr_other")])
-    v = ModelVersion.objects.create(
-        name="demo-2026-11", architecture="se_resnet50", input_size=64, sha256="d" * 64, weights_path="x.pt",
+    from django.conf import settings
+
+    from inference.tasks import make_heatmap
+    from tests.worker_utils import register_version
+
+    # The bundled demo model, so the heatmaps below are what the worker would make with it.
+    v = register_version(
+        Path(settings.DEMO_MODEL_DIR) / "model.pt", name="demo-2026-11",
         metrics={"roc_auc": 0.76, "roc_auc_ci95": [0.741, 0.778], "sensitivity": 0.9, "specificity": 0.455,
-                 "n": 3775, "n_melanoma": 613}, threshold=0.408, validated=False, is_active=True)
+                 "n": 3775, "n_melanoma": 613}, threshold=0.408)
     ada = PatientFactory(mrn="DAY-001", name="Ada Lovelace", care_team=team, birth_date=datetime.date(1961, 12, 10))
-    back = LesionFactory(patient=ada, label="L1 upper back", anatomic_site="Trunk:Posterior trunk:Upper back")
-    calf = LesionFactory(patient=ada, label="L2 left calf", anatomic_site="Lower extremity")
+    back = LesionFactory(patient=ada, label="L1 upper back", anatomic_site="Trunk:Posterior trunk:Upper back",
+                         body_map_x=0.77, body_map_y=0.24)
+    calf = LesionFactory(patient=ada, label="L2 left calf", anatomic_site="Lower extremity",
+                         body_map_x=0.79, body_map_y=0.83)
     first = _stored_image(back, day=datetime.date(2025, 3, 4), seed=31, probability=0.22, version=v)
     second = _stored_image(back, day=datetime.date(2026, 5, 19), seed=31, probability=0.71, version=v, shift=60)
     _stored_image(calf, day=datetime.date(2026, 5, 19), seed=32, probability=0.12, version=v)
+    for image in (first, second):  # what the worker does after each score
+        assert make_heatmap(image.analyses.get().pk)
     bob = PatientFactory(mrn="DAY-002", name="Bob Babbage", care_team=team)
     arm = LesionFactory(patient=bob, label="L1 right forearm", anatomic_site="Upper extremity")
     _stored_image(arm, day=datetime.date(2026, 6, 2), seed=33, probability=0.33, version=v, blur=6)
@@ -197,7 +207,19 @@ def test_clinicians_day_queue_review_compare_report(live_server, day_records, br
     page.wait_for_function("() => document.querySelectorAll('[data-zoom-scale=\"2.700\"]').length === 2")
     page.keyboard.press("0")
     page.keyboard.press("+")
+    # The Grad-CAM overlays: off until asked for, then on both images, zoomed with them.
+    expect(page.locator("[data-heatmap]")).to_have_count(2)
+    assert page.locator("[data-heatmap]").evaluate_all("hs => hs.map(h => h.hidden)") == [True, True]
+    toggle = page.get_by_role("button", name="Show heatmap")
+    toggle.click()
+    expect(page.get_by_role("button", name="Hide heatmap")).to_have_attribute("aria-pressed", "true")
+    page.wait_for_function(ALL_LOADED, arg="[data-heatmap]")
+    overlay = page.locator("[data-heatmap]").evaluate_all("hs => hs.map(h => [h.hidden, h.style.transform])")
+    assert all(not hidden and "scale(1.5)" in t for hidden, t in overlay), overlay
+    expect(page.locator(".heatmap-note")).to_contain_text("Grad-CAM of model demo-2026-11")
     page.screenshot(path=str(shots / "compare.png"), full_page=True)
+    page.keyboard.press("h")
+    assert page.locator("[data-heatmap]").evaluate_all("hs => hs.map(h => h.hidden)") == [True, True]
     page.keyboard.press("Escape")
     expect(page.get_by_role("heading", name="L1 upper back", level=1)).to_be_visible()
 
@@ -242,6 +264,40 @@ def test_clinicians_day_queue_review_compare_report(live_server, day_records, br
     expect(page.locator(".messages")).to_contain_text("1 image uploaded")
     expect(page.locator(".messages")).to_contain_text("small.jpg: small image (180×180 px")
     expect(page.locator('[data-quality="small"]')).to_have_count(1)
+
+    # Body map: place a new lesion by clicking the back outline; the site is suggested and filled in;
+    # the diagnosis picker is searchable. On the patient page, dots are coloured by flag.
+    page.goto(f"{url}/patients/{ada.pk}/lesions/new/")
+    page.fill("#id_label", "L3 right upper back")
+    svg = page.locator("svg[data-body-map-input]")
+    box = svg.bounding_box()
+    page.mouse.click(box["x"] + 0.70 * box["width"], box["y"] + 0.25 * box["height"])
+    expect(page.locator("[data-site-suggestion]")).to_contain_text("Suggested site (back): Trunk › Posterior trunk › Upper back")
+    assert page.input_value("#id_anatomic_site") == "Trunk:Posterior trunk:Upper back"
+    assert abs(float(page.input_value("#id_body_map_x")) - 0.70) < 0.01
+    assert abs(float(page.input_value("#id_body_map_y")) - 0.25) < 0.01
+    page.locator('[data-picker-for="id_diagnosis"]').fill("melanoma in situ")
+    expect(page.locator("#id_diagnosis + .picker-count, .picker-count").last).to_contain_text("match")
+    assert "in situ" in page.input_value("#id_diagnosis").lower()
+    page.locator('[data-picker-for="id_anatomic_site"]').fill("posterior calf")
+    assert page.input_value("#id_anatomic_site") == "Lower extremity:Lower leg:Calf:Posterior calf"
+    box = svg.bounding_box()  # the pickers' match counts moved the map down
+    page.mouse.click(box["x"] + 0.70 * box["width"], box["y"] + 0.25 * box["height"])
+    page.get_by_role("button", name="Use this site").click()
+    assert page.input_value("#id_anatomic_site") == "Trunk:Posterior trunk:Upper back"
+    expect(page.get_by_role("button", name="Use this site")).to_be_hidden()
+    assert page.input_value('[data-picker-for="id_anatomic_site"]') == ""  # the site search no longer applies
+    page.screenshot(path=str(shots / "bodymap-form.png"), full_page=True)
+    page.get_by_role("button", name="Add lesion").click()
+    expect(page.get_by_role("heading", name="L3 right upper back", level=1)).to_be_visible()
+    page.goto(f"{url}/patients/{ada.pk}/")
+    dots = page.locator(".body-map-card .body-map-dot")
+    expect(dots).to_have_count(3)
+    assert page.locator(f'.body-map-card [data-lesion="{back.pk}"]').get_attribute("class") == \
+        "body-map-dot dot-high dot-flagged"
+    page.locator(".body-map-card").screenshot(path=str(shots / "bodymap.png"))
+    page.locator(f'.body-map-card [data-lesion="{calf.pk}"]').click()
+    expect(page.get_by_role("heading", name="L2 left calf", level=1)).to_be_visible()
 
     # Favicon, and the docs for a logged-out visitor.
     icon = page.request.get(url + "/favicon.ico")
