@@ -23,8 +23,17 @@ MAX_SIDE = 512  # the stored heatmap's long side (it is shown stretched over the
 
 
 def heatmap_network(predictor):
-    """The network whose Grad-CAM explains this predictor's score (today: its one model)."""
+    """The network whose Grad-CAM explains this predictor's score: its first member network (a
+    single-checkpoint version's only one; for an ensemble, the first member, named in the facts)."""
     return predictor.model
+
+
+def _input_of(predictor, network) -> tuple[int, str, str]:
+    """(input size, normalisation, member name) with which ``network`` sees an image."""
+    for member in getattr(getattr(predictor, "bundle", None), "members", []) or []:
+        if member.model is network:
+            return member.input_size, member.normalisation, member.name
+    return int(predictor.input_size), "imagenet", ""
 
 
 def gradcam(network, batch: torch.Tensor) -> np.ndarray:
@@ -69,15 +78,16 @@ def heatmap_png(cam: np.ndarray, *, width: int, height: int) -> bytes:
 
 
 def explain_image(predictor, source, *, width: int, height: int) -> tuple[bytes, dict]:
-    """(PNG overlay, facts) for one stored image (path or binary file object)."""
-    from training.preprocessing import to_batch
+    """(PNG overlay, facts) for one stored image (path or binary file object), decoded and
+    normalised exactly as the explained network sees it when scoring (no flip TTA)."""
+    from training.preprocessing import load_rgb, to_batch
 
-    array = predictor.load(source)
-    batch = to_batch([array])
     network = heatmap_network(predictor)
+    size, normalisation, member = _input_of(predictor, network)
+    batch = to_batch([load_rgb(source, size)], normalisation)
     with predictor.lock:
         cam = gradcam(network, batch)[0]
     return heatmap_png(cam, width=width, height=height), {
-        "method": METHOD, "input_size": int(predictor.input_size), "map_size": list(cam.shape),
+        "method": METHOD, "input_size": int(size), "member": member, "map_size": list(cam.shape),
         "peak_position": [int(x) for x in np.unravel_index(int(np.argmax(cam)), cam.shape)],  # (row, col) on the map
     }

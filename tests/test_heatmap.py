@@ -149,3 +149,17 @@ def test_viewer_offers_the_overlay_only_when_there_is_a_heatmap(client, clinicia
     assert "data-heatmap-toggle" in html
     assert f'src="{reverse("inference:analysis_heatmap", args=[scored.pk])}"' in html and "hidden" in html
     assert f"Grad-CAM of model {scored.model_version.name}" in html
+
+
+def test_an_ensemble_versions_heatmap_uses_its_first_members_input(patient, tmp_path):
+    from tests.worker_utils import tiny_ensemble
+
+    version = register_version(tiny_ensemble(tmp_path / "ens.pt"), name="tiny-ensemble")
+    data = io.BytesIO()
+    Image.fromarray(lesion_like_array(240, 180, seed=9)).save(data, format="JPEG", quality=92)
+    image = make_image(LesionFactory(patient=patient), data=data.getvalue())
+    a = Analysis.objects.create(image=image, model_version=version, status="done", probability=0.4,
+                                final_score=0.4, final_score_source="image", finished_at=timezone.now())
+    assert make_heatmap(a.pk) is True
+    a.refresh_from_db()
+    assert a.heatmap_info["member"] == "efficientnet_lite0" and a.heatmap_info["input_size"] == 48

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('inference', '0002_analysis_claim_and_sweep'),
+        ('inference', '0003_analysis_member_probabilities'),
     ]
 
     operations = [
