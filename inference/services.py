@@ -368,11 +368,18 @@ def complete_analysis(*, analysis: Analysis, token: str, probability: float, emb
     ``member_probabilities``: each member network's own probability (ensemble versions)."""
     import numpy as np
 
+    from .context import usable_context_model
+
     emb = np.asarray(embedding, dtype=np.float32).tobytes()
+    # With a context model the final score is pending until the patient's re-scoring (pages say
+    # "context pending" and keep polling); without one the image probability is final.
+    pending = usable_context_model(analysis.model_version) is not None
     n = Analysis.objects.filter(pk=analysis.pk, claim_token=token, status=Analysis.Status.RUNNING).update(
         status=Analysis.Status.DONE, probability=float(probability), embedding=emb, timings=timings,
         member_probabilities=member_probabilities or None,
-        finished_at=timezone.now(), error="", final_score=float(probability), final_score_source="image",
+        finished_at=timezone.now(), error="",
+        final_score=None if pending else float(probability), final_score_source="" if pending else "image",
+        context_explanation=None, previous_final_score=None, score_changed_at=None, score_change_reason="",
     )
     return bool(n)
 

@@ -93,6 +93,23 @@ def read_isic_metadata(path: str) -> list[MetaRow]:
     return rows
 
 
+def lesion_rows(rows: list[MetaRow]) -> list[MetaRow]:
+    """One row per real lesion (``lesion_id``; without lesion ids every image is its own lesion),
+    in file order of its first image: melanoma if any of its images is, age of its first image,
+    the site of its first image. The unit of patient context is the lesion, so simulated patients
+    are built from these."""
+    out: dict = {}
+    for r in rows:
+        key = (r.patient_id, r.lesion_id or r.image_id)
+        first = out.get(key)
+        if first is None:
+            out[key] = MetaRow(r.lesion_id or r.image_id, r.patient_id, r.lesion_id or r.image_id, r.target,
+                               r.age, r.sex, r.site)
+        elif r.target and not first.target:
+            first.target = r.target
+    return list(out.values())
+
+
 def patient_profiles(rows: list[MetaRow]) -> dict[str, list[int]]:
     """patient_id -> indices of that patient's rows (in file order)."""
     out: dict[str, list[int]] = {}
