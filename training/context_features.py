@@ -279,15 +279,20 @@ def patient_features(
     ud, k = ugly_duckling_distance(embeddings, lesion_ids, order)
     X[:, col["ud_distance"]] = ud
     X[:, col["n_other_lesions"]] = k
-    # Unlikeness rank of each lesion (its latest image) among the patient's lesions: 1 = most unlike.
-    rep_ud = {lid: ud[j] for lid, j in latest.items()}
-    for i, lid in enumerate(lesion_ids):
-        X[i, col["ud_rank"]] = 1 + sum(1 for other, d in rep_ud.items() if other != lid and d > ud[i])
-    rep_lg = {lid: lg[j] for lid, j in latest.items()}
-    for i, lid in enumerate(lesion_ids):
-        others = np.array([v for other, v in rep_lg.items() if other != lid])
-        X[i, col["prob_rank_lesions"]] = (
-            0.5 if others.size == 0 else ((others < lg[i]).sum() + 0.5 * (others == lg[i]).sum()) / others.size)
+    # Per lesion (its latest image): unlikeness rank (1 = most unlike) and probability rank of each
+    # image among the OTHER lesions (display / report-only values).
+    rep_ids = list(latest)
+    rep_idx = np.array([latest[lid] for lid in rep_ids])
+    position = {lid: j for j, lid in enumerate(rep_ids)}
+    own = np.array([position[lid] for lid in lesion_ids])
+    not_own = np.ones((n, len(rep_ids)), dtype=bool)
+    not_own[np.arange(n), own] = False
+    rep_ud, rep_lg = ud[rep_idx], lg[rep_idx]
+    X[:, col["ud_rank"]] = 1 + ((rep_ud[None, :] > ud[:, None]) & not_own).sum(axis=1)
+    n_others = not_own.sum(axis=1)
+    below = ((rep_lg[None, :] < lg[:, None]) & not_own).sum(axis=1)
+    tied = ((rep_lg[None, :] == lg[:, None]) & not_own).sum(axis=1)
+    X[:, col["prob_rank_lesions"]] = np.where(n_others > 0, (below + 0.5 * tied) / np.maximum(n_others, 1), 0.5)
     X[:, col["log_n_lesions"]] = math.log1p(len(latest))
     ages = [None] * n if ages is None else list(ages)
     sites = [None] * n if sites is None else list(sites)

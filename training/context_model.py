@@ -217,19 +217,24 @@ def synthetic_oof(n: int = 1200, dim: int = 32, seed: int = 0, with_patients: bo
 
 # --- features ----------------------------------------------------------------------------------
 
-def features_for_groups(patient_keys, prob, lesion, embeddings, site, age, sex, order=None) -> np.ndarray:
-    """Feature matrix for many patients: rows grouped by ``patient_keys`` (any order)."""
+def features_for_groups(patient_keys, prob, lesion, embeddings, site, age, sex, order=None,
+                        embedding_index=None) -> np.ndarray:
+    """Feature matrix for many patients: rows grouped by ``patient_keys`` (any order).
+    ``embedding_index``: row i's embedding is ``embeddings[embedding_index[i]]`` (no copy of a
+    large pool per simulated row); default: ``embeddings[i]``."""
     n = len(prob)
     X = np.zeros((n, len(cf.FEATURE_NAMES)))
     groups: dict = {}
     for i, k in enumerate(patient_keys):
         groups.setdefault(k, []).append(i)
     order = np.arange(n) if order is None else np.asarray(order)
+    age = np.asarray(age, dtype=np.float64)
     for idx in groups.values():
         idx = np.asarray(idx)
+        rows = idx if embedding_index is None else np.asarray(embedding_index)[idx]
         X[idx] = cf.patient_features(
             prob[idx], [lesion[i] for i in idx],
-            embeddings=None if embeddings is None else embeddings[idx],
+            embeddings=None if embeddings is None else np.asarray(embeddings[rows], dtype=np.float64),
             sites=[site[i] for i in idx], ages=age[idx], sexes=[sex[i] for i in idx], order=order[idx],
         )
     return X
@@ -280,9 +285,14 @@ class Adjustment:
 
 
 def fit_adjustment(X_full: np.ndarray, y, feature_names, *, weights=None, C: float = LR_C,
-                   nonnegative=cf.NONNEGATIVE) -> Adjustment:
+                   nonnegative=cf.NONNEGATIVE, fit_intercept: bool = False) -> Adjustment:
     """Weighted L2 logistic regression with the image logit as offset (coefficient 1), features
-    standardised, the intercept unpenalised, the coefficients of ``nonnegative`` features >= 0."""
+    standardised (centred on the training rows), the coefficients of ``nonnegative`` features >= 0.
+
+    ``fit_intercept`` False (the export): no global shift, so at the patients' average context the
+    score IS the image probability and the context only moves lesions relative to that -- the
+    result stays on the image model's scale (calibrated exactly as far as the image model is) and
+    one threshold applies. True: also recalibrate (used to measure the image model's calibration)."""
     y = np.asarray(y, dtype=np.float64)
     w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
     names = list(feature_names)
@@ -303,7 +313,8 @@ def fit_adjustment(X_full: np.ndarray, y, feature_names, *, weights=None, C: flo
         grad = np.concatenate([[C * (w * r).sum()], C * (Z.T @ (w * r)) + c])
         return val, grad
 
-    bounds = [(None, None)] + [((0.0, None) if n in nonnegative else (None, None)) for n in names]
+    bounds = [(None, None) if fit_intercept else (0.0, 0.0)] + [
+        ((0.0, None) if n in nonnegative else (None, None)) for n in names]
     res = minimize(loss, np.zeros(1 + len(names)), jac=True, method="L-BFGS-B", bounds=bounds,
                    options={"maxiter": 5000})
     return Adjustment(names, means, scales, res.x[1:], res.x[0])
@@ -381,6 +392,8 @@ def cross_validate(X, y, fold, threshold: float, target_prevalence: float, C=LR_
     for name, r in out.items():
         r.update(score_metrics(y, r["oof"], threshold, w))
         r["fold_auc"] = [auc(y[fold == k], r["oof"][fold == k]) for k in sorted(set(fold.tolist()))]
+    shift = fit_adjustment(X, y, [], weights=w, fit_intercept=True).intercept
+    out["image_only"]["logit_shift_that_would_calibrate_it"] = float(shift)
     base = out["image_only"]["roc_auc"]
     for name, r in out.items():
         r["roc_auc_gain_over_image_only"] = None if r["roc_auc"] is None or base is None else r["roc_auc"] - base
@@ -412,8 +425,8 @@ def evaluate_simulated(oof: OOFData, isic_path: str, seeds, *, threshold: float,
         sim = simulate_patients(rows, oof.target[reps], [f"pool:{i}" for i in reps], n_patients=n_patients,
                                 n_folds=n_folds, seed=s, resemblance=resemblance, descriptors=desc)
         pi = reps[sim.pool_index]
-        X = features_for_groups(sim.patient.tolist(), oof.prob[pi], sim.lesion.tolist(), oof.embeddings[pi],
-                                sim.site, sim.age, sim.sex, order=sim.order)
+        X = features_for_groups(sim.patient.tolist(), oof.prob[pi], sim.lesion.tolist(), oof.embeddings,
+                                sim.site, sim.age, sim.sex, order=sim.order, embedding_index=pi)
         y = sim.target
         pub = _public(cross_validate(X, y, sim.fold, threshold, target_prevalence))
         per_seed.append({"seed": s, "simulation": sim.stats, "results": pub})
@@ -432,6 +445,9 @@ def summarise(per_seed) -> dict:
                   ("roc_auc", "roc_auc_gain_over_image_only", "sensitivity", "specificity", "share_flagged")}
         out[k]["ece_at_pool_mix"] = _summary([r["calibration_at_pool_mix"]["ece"] for r in rs])
         out[k]["features"] = rs[0]["features"]
+        if "logit_shift_that_would_calibrate_it" in rs[0]:
+            out[k]["logit_shift_that_would_calibrate_it"] = _summary(
+                [r["logit_shift_that_would_calibrate_it"] for r in rs])
     return out
 
 
@@ -473,8 +489,8 @@ def evaluate_metadata(isic_path: str, n_folds: int = 5, seed: int = 42) -> dict:
         oof = np.zeros(len(y))
         for k in range(n_folds):
             tr, te = fold != k, fold == k
-            oof[te] = fit_adjustment(X[tr], y[tr], feats, nonnegative=()).predict(X[te])
-        full = fit_adjustment(X, y, feats, nonnegative=())
+            oof[te] = fit_adjustment(X[tr], y[tr], feats, nonnegative=(), fit_intercept=True).predict(X[te])
+        full = fit_adjustment(X, y, feats, nonnegative=(), fit_intercept=True)
         out[name] = {"features": feats, "roc_auc_pooled_oof": auc(y, oof),
                      "standardized_coefficients": {f: round(float(c), 4) for f, c in zip(feats, full.coef)}}
     return out
@@ -702,10 +718,16 @@ def main(argv=None) -> int:
     final = fit_adjustment(X_train, y_train, FEATURE_SETS[EXPORT_SET], weights=weights)
     model = final.export()
     head = by_level[level0]
+    if "real patients" in by_level:
+        head["image_only"]["logit_shift_that_would_calibrate_it"] = {
+            "mean": report["real_patients"]["results"]["image_only"]["logit_shift_that_would_calibrate_it"]}
     g = lambda k, m: head[k][m]["mean"]  # noqa: E731
     model.update({
-        "scale": (f"calibrated melanoma probability on the image model's scale (classes weighted to the "
-                  f"pool's {prevalence:.1%} melanoma, the image model's calibration mix)"),
+        "scale": ("melanoma probability on the image model's scale: no global shift (at a patient's average "
+                  "context the score is the image probability), so it is calibrated exactly as far as the image "
+                  f"model is (fitted with classes weighted to the pool's {prevalence:.1%} melanoma, the image "
+                  "model's calibration mix; logit shift that would recalibrate the image model on these lesions: "
+                  f"{head['image_only'].get('logit_shift_that_would_calibrate_it', {}).get('mean', float('nan')):+.3f})"),
         "threshold_note": "none of its own: scores are compared with the model version's threshold",
         "threshold_used_in_evaluation": threshold,
         "constraints": {n: ">= 0" for n in cf.NONNEGATIVE},
@@ -727,8 +749,8 @@ def main(argv=None) -> int:
                               for lvl, s in by_level.items()},
         },
         "training_data": training_data,
-        "model": f"class-weighted L2 logistic regression (C={LR_C}) with the image logit as offset, "
-                 "standardised features, ugly-duckling coefficient >= 0 (L-BFGS-B)",
+        "model": f"class-weighted L2 logistic regression (C={LR_C}) with the image logit as offset, no "
+                 "intercept (centred, standardised features), ugly-duckling coefficient >= 0 (L-BFGS-B)",
         "created_at": report["created_at"],
         "description": ("Patient-context adjustment of the image logit: lesion-level ugly-duckling distance, age "
                         "when the lesion was first photographed, sex, site. Apply with "
