@@ -79,7 +79,7 @@ def test_several_lesions_with_context_model_outlier_stands_out():
     html = render(patient)
     assert len(svg_points(html)) == 6
     assert "Context model: an adjustment of the image score" in html and "Not validated" not in html
-    assert "threshold 30.0%" in html and "20.0%" not in html  # ONE threshold: the version's
+    assert "threshold 30.0%" in html and "threshold 20.0%" not in html  # ONE threshold: the version's
     for a in analyses + [odd]:
         assert reverse("patients:lesion_detail", args=[a.image.lesion_id]) in html
     # the odd lesion is drawn last (on top), large, with the outlier ring
@@ -99,7 +99,7 @@ def test_context_breakdown_tag_and_filter():
                     "{% for r in a.context_features|context_rows %}{{ r.label }}={{ r.value }};{% endfor %}"
                     ).render(Context({"a": odd}))
     assert "<table" in html and "image + patient context" in html
-    assert "Ugly-duckling distance" in html and "Unlikeness among the patient's lesions=1 of 4" in html
+    assert "Ugly-duckling distance" in html and "=1 of 4 (1 = most unlike)" in html
     assert "Images of this patient" not in html
     assert "Sex=female;" in html and "Site (ISIC 2020 general)=lower extremity;" in html
     assert "Age when the lesion was first photographed=53 years;" in html
