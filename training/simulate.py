@@ -26,6 +26,11 @@ of its benign lesions is, with probability r, the not-yet-used pool lesion whose
 otherwise a random one. Melanoma rows are always filled at random. Whether the image model's
 embedding picks up that resemblance is then what the evaluation measures.
 
+The patient-context model (``python -m training context``) simulates at the LESION level: the
+ISIC 2020 rows are first collapsed to one row per real lesion (``lesion_rows``: v2 ground truth
+has lesion ids; 32,701 lesions, 581 melanomas), and the pool to one image per pool lesion, so
+every simulated lesion is one pool lesion with one image (the unit of context is the lesion).
+
 Everything reported from this module is "simulated patients", never real patient data.
 """
 from __future__ import annotations
