@@ -52,11 +52,17 @@ class ModelVersion(models.Model):
         if not cm:
             return None
         td = cm.get("training_data") or {}
+        from training.context_features import FEATURE_VERSION
+
         return {
             "kind": cm.get("kind"),
             "feature_version": cm.get("feature_version"),
-            "threshold": cm.get("threshold"),
-            "threshold_method": cm.get("threshold_method"),
+            "usable": cm.get("feature_version") == FEATURE_VERSION,
+            "feature_names": cm.get("feature_names") or [],
+            "constraints": cm.get("constraints") or {},
+            "scale": cm.get("scale"),
+            # One threshold: the version's (context-adjusted scores are on the image scale).
+            "threshold": self.threshold,
             "metrics": cm.get("metrics") or {},
             "training_data": {k: td[k] for k in ("kind", "description", "resemblance", "n_rows", "n_patients")
                               if k in td},
@@ -122,9 +128,17 @@ class Analysis(models.Model):
     # Patient context (filled by the re-scoring pass over all of the patient's images).
     context_features = models.JSONField(null=True, blank=True)
     final_score = models.FloatField(
-        null=True, blank=True, help_text="Context-adjusted score; the image probability without a context model."
-    )
+        null=True, blank=True,
+        help_text="The final calibrated melanoma probability (same scale as the image probability): "
+                  "context-adjusted when the version has a context model, else the image probability. "
+                  "Empty while the context score is pending.")
     final_score_source = models.CharField(max_length=20, blank=True, help_text="'context' or 'image'.")
+    context_explanation = models.JSONField(
+        null=True, blank=True, help_text="What the patient context changed and why (direction, main reason).")
+    previous_final_score = models.FloatField(
+        null=True, blank=True, help_text="The final score before the last change not caused by this image.")
+    score_changed_at = models.DateTimeField(null=True, blank=True)
+    score_change_reason = models.CharField(max_length=200, blank=True)
     error = models.TextField(blank=True)
     # Set by the conditional UPDATE that claims the row; results are written only under the claim.
     claim_token = models.CharField(max_length=32, blank=True, editable=False)
@@ -160,8 +174,21 @@ class Analysis(models.Model):
 
     @property
     def display_score(self) -> float | None:
-        """What pages show first: the context-adjusted score when there is one, else the image probability."""
+        """THE score shown and compared with the version's threshold: the final score when there is
+        one, else (context pending) the image probability -- both on the same calibrated scale."""
         return self.final_score if self.final_score is not None else self.probability
+
+    @property
+    def score_source(self) -> str | None:
+        """'context' or 'image': what produced ``display_score``."""
+        if self.display_score is None:
+            return None
+        return self.final_score_source if self.final_score is not None and self.final_score_source else "image"
+
+    @property
+    def context_pending(self) -> bool:
+        """Done, but the patient-context score is not in yet (the version has a context model)."""
+        return self.status == self.Status.DONE and self.probability is not None and self.final_score is None
 
     def get_embedding(self) -> np.ndarray | None:
         if self.embedding is None:

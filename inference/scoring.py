@@ -1,6 +1,9 @@
-"""What a result means for the clinician: the threshold, "is this analysis flagged", each lesion's
-current result. ONE place for the flag rule, so it can be changed for pages, queue, worklist,
-API and report at once.
+"""What a result means for the clinician: its score, THE threshold, "is this analysis flagged".
+ONE place for the flag rule, so pages, chart, API (and the review queue) agree.
+
+Every score of a model version -- the image probability and the context-adjusted final score --
+is a calibrated melanoma probability on one scale, compared with one operating threshold: the
+version's (``ModelVersion.threshold``, chosen on held-out data for a stated sensitivity).
 
 No torch: the web process imports this module.
 """
@@ -12,34 +15,20 @@ from django.utils import timezone
 
 from .models import Analysis, ModelVersion
 
+SCALE = "calibrated_probability"
+SCALE_DESCRIPTION = ("calibrated melanoma probability (0-1) on the model version's scale: the image "
+                     "probability and the context-adjusted score are both on it and share one threshold")
+
 
 def threshold_for(analysis: Analysis | None, version: ModelVersion | None = None, *, cache: dict | None = None
                   ) -> float | None:
-    """The operating threshold on the scale of the score shown (``analysis.display_score``): a
-    context-adjusted final score is compared with the context model's threshold, else the card's."""
+    """THE operating threshold for this analysis' score: its model version's (one per version)."""
     version = version if version is not None else getattr(analysis, "model_version", None)
-    if version is None:
-        return None
-    if analysis is not None and analysis.final_score is not None and analysis.final_score_source == "context":
-        key = ("context", version.pk)
-        if cache is not None and key in cache:
-            return cache[key]
-        value = None
-        try:
-            from .context import score_threshold
-
-            value = score_threshold(version)
-        except Exception:  # noqa: BLE001 -- never break a page over the colour of a badge
-            value = None
-        value = float(value) if value is not None else float(version.threshold)
-        if cache is not None:
-            cache[key] = value
-        return value
-    return float(version.threshold)
+    return None if version is None else float(version.threshold)
 
 
 def is_flagged(analysis: Analysis | None, *, threshold: float | None = None) -> bool:
-    """THE flag rule: a finished analysis whose shown score is at or above its operating threshold."""
+    """THE flag rule: a finished analysis whose shown score is at or above the version's threshold."""
     if analysis is None or analysis.status != Analysis.Status.DONE:
         return False
     score = analysis.display_score
@@ -142,3 +131,22 @@ def image_results(image_ids, *, version: ModelVersion | None = None) -> dict[int
                                        flagged=is_flagged(a, threshold=threshold),
                                        latest_result_at=a.finished_at)
     return out
+
+
+def metrics_for(analysis: Analysis | None) -> dict | None:
+    """The metrics of the model that produced this analysis' score: the image model's held-out
+    metrics for an image score, the context model's (image + context, on simulated patients) for a
+    context score."""
+    if analysis is None or analysis.display_score is None:
+        return None
+    version = analysis.model_version
+    if analysis.score_source == "context":
+        cm = (version.context_model_summary or {}).get("metrics") or {}
+        return {"producer": "image model + patient context", "roc_auc": cm.get("roc_auc_context"),
+                "roc_auc_image_only_same_data": cm.get("roc_auc_image_only"),
+                "sensitivity": cm.get("sensitivity_context"), "specificity": cm.get("specificity_context"),
+                "data": cm.get("data"), "assumption": cm.get("assumption")}
+    m = version.metrics or {}
+    return {"producer": "image model", "roc_auc": version.roc_auc, "roc_auc_ci": version.roc_auc_ci,
+            "sensitivity": m.get("sensitivity"), "specificity": m.get("specificity"),
+            "data": "held-out images"}

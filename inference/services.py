@@ -368,13 +368,20 @@ def complete_analysis(*, analysis: Analysis, token: str, probability: float, emb
     ``member_probabilities``: each member network's own probability (ensemble versions)."""
     import numpy as np
 
+    from .context import usable_context_model
+
     emb = np.asarray(embedding, dtype=np.float32).tobytes()
+    # With a context model the final score is pending until the patient's re-scoring (pages say
+    # "context pending" and keep polling); without one the image probability is final.
+    pending = usable_context_model(analysis.model_version) is not None
     # A re-analysis replaces the explanation too: the old heatmap goes (the new one follows the score).
     old_heatmap = Analysis.objects.filter(pk=analysis.pk).values_list("heatmap", flat=True).first() or ""
     n = Analysis.objects.filter(pk=analysis.pk, claim_token=token, status=Analysis.Status.RUNNING).update(
         status=Analysis.Status.DONE, probability=float(probability), embedding=emb, timings=timings,
         member_probabilities=member_probabilities or None,
-        finished_at=timezone.now(), error="", final_score=float(probability), final_score_source="image",
+        finished_at=timezone.now(), error="",
+        final_score=None if pending else float(probability), final_score_source="" if pending else "image",
+        context_explanation=None, previous_final_score=None, score_changed_at=None, score_change_reason="",
         heatmap="", heatmap_info={},
     )
     if n and old_heatmap:

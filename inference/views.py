@@ -25,6 +25,14 @@ def image_result(request, pk):
 
 
 @require_GET
+@never_cache
+def patient_context(request, pk):
+    """The patient-context section as a fragment (polled while a context score is pending)."""
+    patient = get_object_or_404(Patient.objects.visible_to(request.user), pk=pk)
+    return render(request, "inference/_patient_context.html", {"patient": patient, "fragment": True})
+
+
+@require_GET
 @login_required
 def model_version_list(request):
     """Every installed model version with its validation status and headline held-out metrics.

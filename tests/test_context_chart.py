@@ -61,7 +61,7 @@ def test_one_lesion_without_context_model():
     assert "Context model: none — image probability only" in html
     assert len(svg_points(html)) == 1
     assert reverse("patients:lesion_detail", args=[lesion.pk]) in html
-    assert "Left shoulder" in html and "42.0%" in html and "(image only)" in html
+    assert "Left shoulder" in html and "42.0%" in html and "(image)" in html
     assert "No analysed image yet." in html  # the second lesion is in the table only
     assert 'role="img"' in html and "<title" in html and "<desc" in html
     assert "threshold 30.0%" in html  # the version's threshold without a context model
@@ -78,8 +78,8 @@ def test_several_lesions_with_context_model_outlier_stands_out():
     rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
     html = render(patient)
     assert len(svg_points(html)) == 6
-    assert "Context model: logistic regression" in html and "Not validated" not in html
-    assert "threshold 20.0%" in html  # the context model's own threshold
+    assert "Context model: an adjustment of the image score" in html and "Not validated" not in html
+    assert "threshold 30.0%" in html and "threshold 20.0%" not in html  # ONE threshold: the version's
     for a in analyses + [odd]:
         assert reverse("patients:lesion_detail", args=[a.image.lesion_id]) in html
     # the odd lesion is drawn last (on top), large, with the outlier ring
@@ -98,11 +98,12 @@ def test_context_breakdown_tag_and_filter():
     html = Template("{% load context_chart %}{% context_breakdown a %}|{{ a|context_threshold }}|"
                     "{% for r in a.context_features|context_rows %}{{ r.label }}={{ r.value }};{% endfor %}"
                     ).render(Context({"a": odd}))
-    assert "<table" in html and "patient-context model" in html
-    assert "Ugly-duckling distance" in html and "Images of this patient=4;" in html
+    assert "<table" in html and "image + patient context" in html
+    assert "Ugly-duckling distance" in html and "=1 of 4 (1 = most unlike)" in html
+    assert "Images of this patient" not in html
     assert "Sex=female;" in html and "Site (ISIC 2020 general)=lower extremity;" in html
-    assert "Age at acquisition=53 years;" in html
-    assert "|0.2|" in html
+    assert "Age when the lesion was first photographed=53 years;" in html
+    assert "|0.3|" in html  # the version's threshold
     empty = Template("{% load context_chart %}{% context_breakdown a %}").render(Context({"a": None}))
     assert "not computed yet" in empty
 
@@ -113,7 +114,7 @@ def test_exported_model_is_named_simulated_patients_on_the_page(tmp_path):
     from training import context_model as cm
 
     meta = write_isic_like(tmp_path / "meta.csv", n_patients=100)
-    cm.main(["--synthetic", "600", "--skip-metadata", "--seeds", "0", "--folds", "3",
+    cm.main(["--synthetic", "600", "--skip-metadata", "--seeds", "0", "--folds", "3", "--threshold", "0.3",
              "--isic-metadata", str(meta), "--out", str(tmp_path)])
     import json
 
@@ -134,5 +135,5 @@ def test_bundled_context_model_names_its_assumed_resemblance_on_the_page():
     patient, _, _ = similar_patient(version, n=3)
     rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
     html = render(patient)
-    assert "trained on simulated patients with an assumed within-patient resemblance of 0.75" in html
+    assert "trained on simulated patients with an assumed within-patient resemblance of 0.5" in html
     assert "Not validated for clinical use" in html

@@ -13,7 +13,7 @@ from patients.models import LesionImage
 from tests.factories import LesionFactory, PatientFactory
 from training import context_features as cf
 
-DIM = 32  # the bundled demo model has 2048-d embeddings; features do not depend on the size
+DIM = 32  # real versions have 1280- or 2048-d embeddings; features do not depend on the size
 
 
 def make_version(context_model=None, **kw):
@@ -39,10 +39,9 @@ def add_image(lesion, version, prob, emb, day=1, status=Analysis.Status.DONE):
 
 # Weights the ugly-duckling distance strongly (a hand-made context model in the exported format).
 UD_MODEL = {
-    "format": cf.MODEL_FORMAT, "kind": "logistic_regression", "feature_version": cf.FEATURE_VERSION,
-    "feature_names": ["logit_prob", "ud_distance", "ud_rank_patient"],
-    "means": [-1.5, 0.1, 0.5], "scales": [1.5, 0.1, 0.3], "coefficients": [1.0, 1.5, 0.5],
-    "intercept": -2.0, "threshold": 0.2, "training_data": {"kind": "test"},
+    "format": cf.MODEL_FORMAT, "kind": cf.MODEL_KIND, "feature_version": cf.FEATURE_VERSION,
+    "feature_names": ["ud_distance"], "means": [0.1], "scales": [0.1], "coefficients": [1.5],
+    "intercept": -0.1, "training_data": {"kind": "test"},
 }
 
 
@@ -73,7 +72,7 @@ def test_rescore_stores_features_and_final_scores():
         assert all(np.isfinite(v) for v in a.context_features.values())
         assert a.final_score_source == "context" and 0 < a.final_score < 1
         assert a.context_updated_at is not None
-        assert a.context_features["log_n_images"] == pytest.approx(np.log1p(6))
+        assert a.context_features["n_other_lesions"] == 5
         assert a.context_features["age"] == 53  # born 1970-05-17, image from January 2024
         assert a.context_features["sex_female"] == 1
     by_id = {a.pk: a for a in rows}
@@ -81,7 +80,7 @@ def test_rescore_stores_features_and_final_scores():
     others = [by_id[a.pk] for a in analyses]
     # the clearly different lesion: highest ugly-duckling distance and rank, raised final score
     assert odd.context_features["ud_distance"] > max(a.context_features["ud_distance"] for a in others)
-    assert odd.context_features["ud_rank_patient"] == 1.0
+    assert odd.context_features["ud_rank"] == 1
     assert odd.final_score > max(a.final_score for a in others)
     assert odd.final_score > odd.probability
     assert odd.context_features["site_lower_extremity"] == 1
@@ -107,7 +106,7 @@ def test_upload_of_a_different_lesion_raises_its_score():
     rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
     odd.refresh_from_db()
     assert odd.final_score > before
-    assert odd.context_features["ud_rank_patient"] == 1.0
+    assert odd.context_features["ud_rank"] == 1
 
 
 @pytest.mark.django_db
@@ -120,7 +119,8 @@ def test_without_context_model_the_image_probability_is_used():
     assert rescore_patient(patient_id=patient.pk, model_version_id=version.pk) == 3
     for a in Analysis.objects.filter(model_version=version, status=Analysis.Status.DONE):
         assert a.final_score_source == "image" and a.final_score == a.probability
-        assert a.context_features["log_n_images"] == pytest.approx(np.log1p(3))
+        assert a.context_features["n_other_lesions"] == 2
+        assert a.context_explanation["direction"] == "none"
     assert Analysis.objects.get(model_version=other_version).context_features is None
     queued.refresh_from_db()
     assert queued.context_features is None and queued.final_score is None
@@ -133,8 +133,8 @@ def test_single_image_patient_and_missing_embedding():
     a = add_image(LesionFactory(patient=patient), version, 0.4, None)
     assert rescore_patient(patient_id=patient.pk, model_version_id=version.pk) == 1
     a.refresh_from_db()
-    assert a.context_features["prob_rank_patient"] == 0.5 and a.context_features["ud_distance"] == 0.0
-    assert a.context_features["prob_z_patient"] == 0.0 and np.isfinite(a.final_score)
+    assert a.context_features["prob_rank_lesions"] == 0.5 and a.context_features["ud_distance"] == 0.0
+    assert a.context_features["n_other_lesions"] == 0 and np.isfinite(a.final_score)
     # a patient with nothing done
     assert rescore_patient(patient_id=PatientFactory().pk, model_version_id=version.pk) == 0
 
@@ -230,8 +230,8 @@ def test_concurrent_rescoring_while_new_analyses_appear_equals_one_pass(monkeypa
     n = 3 + n_workers * per_worker
     concurrent_state = state(patient, version)
     assert len(concurrent_state) == n
-    # every analysis saw all n images: no stale partial pass survived
-    assert all(dict(v[2])["log_n_images"] == pytest.approx(np.log1p(n)) for v in concurrent_state.values())
+    # every analysis saw all 7 lesions: no stale partial pass survived
+    assert all(dict(v[2])["n_other_lesions"] == 3 + n_workers - 1 for v in concurrent_state.values())
     # one more (serial) pass changes nothing
     rescore_patient(patient_id=patient.pk, model_version_id=version.pk)
     assert state(patient, version) == concurrent_state
@@ -254,7 +254,7 @@ def test_bundled_demo_context_model_raises_a_clearly_different_lesion():
     model = bundled_context_model()
     version = make_version(model)
     rng = np.random.default_rng(4)
-    dim = 2048
+    dim = model["training_data"]["pool"]["embedding_dim"]
     typical = rng.gamma(1.0, size=dim)      # non-negative, like pooled ReLU features
     odd_look = rng.gamma(1.0, size=dim)
 
@@ -272,10 +272,10 @@ def test_bundled_demo_context_model_raises_a_clearly_different_lesion():
         finals[name] = target
     odd, kin = finals["odd one out"], finals["among its kind"]
     # identical probability features; only the dissimilarity differs
-    for f in ("logit_prob", "prob_rank_patient", "log_n_images", "age", "site_torso"):
+    for f in ("logit_prob", "n_other_lesions", "age", "site_torso"):
         assert odd.context_features[f] == pytest.approx(kin.context_features[f])
     assert odd.context_features["ud_distance"] > kin.context_features["ud_distance"]
-    assert odd.context_features["ud_rank_patient"] == 1.0
+    assert odd.context_features["ud_rank"] == 1
     assert odd.final_score > kin.final_score
 
 
@@ -284,6 +284,7 @@ def test_bundled_demo_context_model_applies():
     model = bundled_context_model()
     cf.validate_context_model(model)
     assert model["training_data"]["kind"] in ("simulated patients", "real patients")
+    assert "ud_distance" in model["feature_names"] and not any("n_images" in f for f in model["feature_names"])
     version = make_version(model)
     patient, _, _ = similar_patient(version, n=3)
     assert rescore_patient(patient_id=patient.pk, model_version_id=version.pk) == 4

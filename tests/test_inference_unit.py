@@ -191,7 +191,7 @@ def test_reinstall_with_a_retrained_context_model_replaces_it_and_rescores_after
     assert ModelVersion.objects.get(pk=v.pk).context_model == retrained
     assert sent == [(lesion.patient_id, v.pk)]
     # a broken one is refused and the installed one kept
-    ctx.write_text(json.dumps({**CONTEXT_MODEL, "coefficients": [1.0]}))
+    ctx.write_text(json.dumps({**CONTEXT_MODEL, "coefficients": [1.0, 2.0]}))
     with pytest.raises(services.ModelInstallError, match="coefficients"):
         services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True, context_model_path=ctx)
     assert ModelVersion.objects.get(pk=v.pk).context_model == retrained

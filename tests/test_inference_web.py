@@ -86,9 +86,10 @@ def test_fragment_shows_score_threshold_metrics_and_validation_label(client, cli
                             final_score_source="context")
     client.force_login(clinician)
     html = fragment(client, image).content.decode()
-    assert "71%" in html and "final score (patient context)" in html
-    assert "Image-only probability: 62.0%" in html
-    assert "ROC-AUC 0.870 (95% CI 0.830–0.900)" in html and "threshold 40%" in html
+    assert "71%" in html and "(image + patient context)" in html and "flagged" in html
+    assert "Image probability: 62.0%" in html
+    # a context score: the image model's ROC-AUC is not shown beside it; one threshold
+    assert "ROC-AUC 0.870" not in html and "threshold 40%" in html
     assert "score-high" in html and "Not validated for clinical use" in html
     ModelVersion.objects.filter(pk=v.pk).update(validated=True)
     assert "Not validated" not in fragment(client, image).content.decode()
@@ -100,7 +101,8 @@ def test_fragment_low_score_without_context_model_says_image_only(client, clinic
                             final_score_source="image")
     client.force_login(clinician)
     html = fragment(client, image).content.decode()
-    assert "score-low" in html and "5%" in html and "image only" in html
+    assert "score-low" in html and "5%" in html and "(image)" in html and "not flagged" in html
+    assert "ROC-AUC 0.870 (95% CI 0.830–0.900)" in html  # the image model's figures beside its own score
 
 
 def test_fragment_is_404_for_other_clinicians_and_anonymous(client, other_clinician, staff, image):
@@ -151,7 +153,10 @@ def test_analysis_api_lists_filters_and_hides_other_teams(api, lesion, image, ot
     assert [r["id"] for r in data["results"]] == [mine.pk]
     item = data["results"][0]
     assert item["model_version"] == {"id": v.pk, "name": "v1", "architecture": "se_resnet50", "input_size": 64,
-                                     "metrics": v.metrics, "threshold": 0.4, "validated": False}
+                                     "metrics": v.metrics, "threshold": 0.4, "validated": False,
+                                     "context_metrics": None}
+    assert item["score"] == 0.2 and item["threshold"] == 0.4 and item["flagged"] is False
+    assert item["source"] == "image" and item["scale"] == "calibrated_probability" and not item["context_pending"]
     assert item["embedding_dim"] == 2048 and "embedding" not in item
     assert item["patient"] == lesion.patient_id and item["lesion"] == lesion.pk
     assert item["timings"] == {"inference_ms": 3} and item["final_score_source"] == "image"
@@ -186,7 +191,7 @@ def test_model_version_api_says_what_the_context_model_was_trained_on(api):
     assert item["has_context_model"] is True
     summary = item["context_model"]
     assert summary["training_data"]["kind"] == "simulated patients"
-    assert summary["training_data"]["resemblance"] == 0.75
+    assert summary["training_data"]["resemblance"] == 0.5
     assert "not real patients" in summary["training_data"]["description"]
     assert summary["metrics"]["roc_auc_context"] > summary["metrics"]["roc_auc_image_only"]
     assert summary["validated"] is False and 0 < summary["threshold"] < 1

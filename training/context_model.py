@@ -1,31 +1,35 @@
 """Patient-context model: train, evaluate and export (``python -m training context ...``).
 
-    python -m training context --oof OOF.csv --embeddings EMB.npy [--isic-metadata CSV] --out DIR
+    python -m training context --pool holdout_predictions.csv --embeddings holdout_embeddings.npy \\
+        [--card card.json | --threshold T] [--data IMAGE_DIRS] [--resemblance 0.5,0,1] --out DIR
 
-* ``--oof``: out-of-fold predictions, one row per image (``training.export`` writes
-  ``oof_predictions.csv``). Columns (first match wins): an id (``image_id``/``image_name``/
-  ``isic_id``), the score (``logit``, else a probability: ``oof``/``oof_prob``/``prob``/
-  ``probability``/``pred``/``prediction``), the label (``target``/``melanoma``/``label``), and
-  optionally ``patient_id``, ``lesion_id`` (else derived from ``group`` = ``l:<lesion>``),
-  ``age_approx``/``age``, ``sex``, ``anatom_site_general_challenge``/``anatom_site``/``site``,
-  ``embedding_row`` (row of the embeddings file; default: same row order).
-* ``--embeddings``: ``.npy`` float array (n_images, d) aligned with the OOF rows.
-* With patient ids in the OOF (a Kaggle ``train.csv`` layout run, e.g. ISIC 2020 images): the
-  context model is learned and evaluated on those real patients (patient-grouped
-  StratifiedGroupKFold), missing age/sex/site are joined from ``--isic-metadata`` by image id.
-* Without patient ids (``../shared/data/dermoscopy``): **simulated patients** (see
-  ``training.simulate``) drawn from the real ISIC 2020 structure in ``--isic-metadata``, for each
-  of ``--seeds``; CV over the simulation's folds (patient-grouped and image-disjoint). The pool
-  must be in ONE embedding space (``python -m training embed`` builds it from the shipped
-  checkpoint's own validation fold; a multi-fold export is refused). ``--resemblance R1,R2,..``
-  (with ``--descriptors``) evaluates each assumed within-patient resemblance level and exports
-  the model of the first; the report adds an odd-one-out check on the pool's real images.
-* Always when ``--isic-metadata`` is readable: (a) the metadata-only model on the REAL ISIC 2020
-  metadata with patient-grouped CV (StratifiedGroupKFold by patient_id).
-* Writes ``DIR/context_model.json`` (the logistic regression the worker applies with numpy:
-  ``training.context_features.apply_context_model``) and ``DIR/context_report.json``.
-  ``--metadata-only``: only (a), no OOF needed. ``--synthetic N``: make synthetic OOF data (for
-  development and tests) instead of reading ``--oof``.
+What it learns: an ADJUSTMENT to the image model's logit from lesion-level patient context
+(``training.context_features``: the ugly-duckling distance of the lesion from the patient's other
+lesions, age when the lesion was first photographed, sex, site; no image or lesion counts). The
+final score sigmoid(image logit + adjustment) is a calibrated melanoma probability on the image
+model's own scale: the fit weights the classes so that the training rows have the prevalence of
+the pool the image model was calibrated on (``prob_crossfit`` of an ensemble's held-out images),
+so it is compared with the SAME operating threshold, the model version's (``--card`` / ``--threshold``).
+The ugly-duckling coefficient is constrained to be >= 0.
+
+* ``--pool`` (alias ``--oof``): one row per image. Columns (first match wins): an id
+  (``image_id``/``image_name``/``isic_id``); the score: ``prob_crossfit`` (an ensemble's
+  ``holdout_predictions.csv``), else ``logit``, else a probability (``oof``/``prob``/...); the
+  label (``target``/...); optional ``patient_id``, ``lesion_id`` (else ``group`` = ``l:<lesion>``),
+  ``age_approx``/``age``, ``sex``, ``anatom_site``..., ``embedding_row`` (row of ``--embeddings``).
+* ``--embeddings``: ``.npy`` (n, d) in ONE embedding space (any d: 1280, 2048, ...).
+* Without patient ids: **simulated patients** (``training.simulate``) with the real ISIC 2020
+  patient AND lesion structure of ``--isic-metadata`` (v2 ground truth: lesion ids): every real
+  lesion becomes one simulated lesion filled with a pool lesion of its class (one image: the unit
+  of context is the lesion), for each of ``--seeds``; CV over the simulation's folds
+  (patient-grouped and image-disjoint). ``--resemblance R1,R2,..`` evaluates each assumed
+  within-patient resemblance (needs colour descriptors: ``--descriptors`` or ``--data``, the image
+  folders, from which they are computed) and exports the model of the FIRST level.
+* With patient ids on every row: the same on those real patients (lesion-level, patient-grouped CV).
+* Writes ``DIR/context_model.json`` and ``DIR/context_report.json``: per assumption, what each
+  feature group adds over the image model (ROC-AUC), sensitivity/specificity and the share of
+  lesions flagged at the ONE threshold, calibration, and the rejected candidates (lesion count,
+  probability rank) with why. ``--synthetic N``: synthetic data instead of ``--pool`` (tests).
 """
 from __future__ import annotations
 
@@ -38,15 +42,13 @@ import sys
 import time
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression
+from scipy.optimize import minimize
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from . import context_features as cf
 from .hashing import file_sha256
-from .simulate import read_isic_metadata, simulate_patients, standardize
+from .simulate import lesion_rows, read_isic_metadata, simulate_patients, standardize
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_ISIC_METADATA = os.path.normpath(os.path.join(
@@ -55,7 +57,8 @@ DEFAULT_ISIC_METADATA = os.path.normpath(os.path.join(
 LR_C = 1.0
 
 ID_COLUMNS = ("image_id", "image_name", "isic_id")
-PROB_COLUMNS = ("oof", "oof_prob", "oof_probability", "prob", "probability", "pred", "prediction")
+PROB_COLUMNS = ("prob_crossfit", "oof", "oof_prob", "oof_probability", "prob", "probability", "pred",
+                "prediction")
 TARGET_COLUMNS = ("target", "melanoma", "label", "y")
 AGE_COLUMNS = ("age_approx", "age")
 SITE_COLUMNS = ("anatom_site_general_challenge", "anatom_site_general", "anatom_site", "site")
@@ -106,8 +109,9 @@ def read_oof(path: str, embeddings_path: str, isic_metadata: str | None = None) 
     if not rows:
         raise ValueError(f"{path}: no rows")
     c_id = _pick(cols, ID_COLUMNS, "image id", path)
-    # A logit column (training.export writes one) is more precise than a rounded probability.
-    c_logit = "logit" if "logit" in cols else None
+    # An ensemble's held-out pool: its cross-fitted calibrated probability (what the app shows).
+    # Else a logit column (training.export writes one), more precise than a rounded probability.
+    c_logit = "logit" if "logit" in cols and "prob_crossfit" not in cols else None
     c_p = c_logit or _pick(cols, PROB_COLUMNS, "probability", path)
     c_t = _pick(cols, TARGET_COLUMNS, "label", path)
     c_age = _pick(cols, AGE_COLUMNS, "age", path, required=False)
@@ -213,19 +217,24 @@ def synthetic_oof(n: int = 1200, dim: int = 32, seed: int = 0, with_patients: bo
 
 # --- features ----------------------------------------------------------------------------------
 
-def features_for_groups(patient_keys, prob, lesion, embeddings, site, age, sex, order=None) -> np.ndarray:
-    """Feature matrix for many patients: rows grouped by ``patient_keys`` (any order)."""
+def features_for_groups(patient_keys, prob, lesion, embeddings, site, age, sex, order=None,
+                        embedding_index=None) -> np.ndarray:
+    """Feature matrix for many patients: rows grouped by ``patient_keys`` (any order).
+    ``embedding_index``: row i's embedding is ``embeddings[embedding_index[i]]`` (no copy of a
+    large pool per simulated row); default: ``embeddings[i]``."""
     n = len(prob)
     X = np.zeros((n, len(cf.FEATURE_NAMES)))
     groups: dict = {}
     for i, k in enumerate(patient_keys):
         groups.setdefault(k, []).append(i)
     order = np.arange(n) if order is None else np.asarray(order)
+    age = np.asarray(age, dtype=np.float64)
     for idx in groups.values():
         idx = np.asarray(idx)
+        rows = idx if embedding_index is None else np.asarray(embedding_index)[idx]
         X[idx] = cf.patient_features(
             prob[idx], [lesion[i] for i in idx],
-            embeddings=None if embeddings is None else embeddings[idx],
+            embeddings=None if embeddings is None else np.asarray(embeddings[rows], dtype=np.float64),
             sites=[site[i] for i in idx], ages=age[idx], sexes=[sex[i] for i in idx], order=order[idx],
         )
     return X
@@ -235,41 +244,89 @@ def columns(names) -> list[int]:
     return [cf.FEATURE_NAMES.index(n) for n in names]
 
 
-# --- model -------------------------------------------------------------------------------------
-
-def fit_lr(X: np.ndarray, y: np.ndarray, C: float = LR_C):
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-    model.fit(X, y)
-    return model
+LOGIT = cf.FEATURE_NAMES.index("logit_prob")
 
 
-def export_lr(model, feature_names: list[str]) -> dict:
-    scaler, lr = model[0], model[-1]
-    return {
-        "format": cf.MODEL_FORMAT,
-        "kind": "logistic_regression",
-        "feature_version": cf.FEATURE_VERSION,
-        "feature_names": list(feature_names),
-        "means": [float(v) for v in scaler.mean_],
-        "scales": [float(v) for v in scaler.scale_],
-        "coefficients": [float(v) for v in lr.coef_.ravel()],
-        "intercept": float(lr.intercept_[0]),
-    }
+# --- model: a constrained, class-weighted logistic adjustment of the image logit -----------------
 
+def class_weights(y, target_prevalence: float) -> np.ndarray:
+    """Sample weights giving the rows the prevalence ``target_prevalence`` (the image model's
+    calibration mix), each class's total weight proportional to it; mean weight 1."""
+    y = np.asarray(y)
+    prev = y.mean()
+    if not 0 < prev < 1:
+        return np.ones(len(y))
+    return np.where(y == 1, target_prevalence / prev, (1 - target_prevalence) / (1 - prev))
+
+
+class Adjustment:
+    """logit(final) = offset + intercept + sum_j coef_j * (x_j - mean_j) / scale_j."""
+
+    def __init__(self, feature_names, means, scales, coef, intercept):
+        self.feature_names = list(feature_names)
+        self.means, self.scales = np.asarray(means), np.asarray(scales)
+        self.coef, self.intercept = np.asarray(coef), float(intercept)
+
+    def logit(self, X_full: np.ndarray) -> np.ndarray:
+        Z = (X_full[:, columns(self.feature_names)] - self.means) / self.scales if self.feature_names else \
+            np.zeros((len(X_full), 0))
+        return X_full[:, LOGIT] + self.intercept + Z @ self.coef
+
+    def predict(self, X_full: np.ndarray) -> np.ndarray:
+        return cf.sigmoid(self.logit(X_full))
+
+    def export(self) -> dict:
+        return {
+            "format": cf.MODEL_FORMAT, "kind": cf.MODEL_KIND, "feature_version": cf.FEATURE_VERSION,
+            "offset": "logit_prob", "feature_names": self.feature_names,
+            "means": [float(v) for v in self.means], "scales": [float(v) for v in self.scales],
+            "coefficients": [float(v) for v in self.coef], "intercept": float(self.intercept),
+        }
+
+
+def fit_adjustment(X_full: np.ndarray, y, feature_names, *, weights=None, C: float = LR_C,
+                   nonnegative=cf.NONNEGATIVE, fit_intercept: bool = False) -> Adjustment:
+    """Weighted L2 logistic regression with the image logit as offset (coefficient 1), features
+    standardised (centred on the training rows), the coefficients of ``nonnegative`` features >= 0.
+
+    ``fit_intercept`` False (the export): no global shift, so at the patients' average context the
+    score IS the image probability and the context only moves lesions relative to that -- the
+    result stays on the image model's scale (calibrated exactly as far as the image model is) and
+    one threshold applies. True: also recalibrate (used to measure the image model's calibration)."""
+    y = np.asarray(y, dtype=np.float64)
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+    names = list(feature_names)
+    raw = X_full[:, columns(names)] if names else np.zeros((len(y), 0))
+    means = raw.mean(0) if names else np.zeros(0)
+    scales = raw.std(0) if names else np.zeros(0)
+    scales = np.where(scales > 1e-12, scales, 1.0)
+    Z = (raw - means) / scales
+    off = X_full[:, LOGIT]
+
+    def loss(theta):
+        b, c = theta[0], theta[1:]
+        eta = off + b + Z @ c
+        # log(1 + exp(eta)) - y * eta, stably
+        ll = np.logaddexp(0, eta) - y * eta
+        r = cf.sigmoid(eta) - y
+        val = C * (w * ll).sum() + 0.5 * (c @ c)
+        grad = np.concatenate([[C * (w * r).sum()], C * (Z.T @ (w * r)) + c])
+        return val, grad
+
+    bounds = [(None, None) if fit_intercept else (0.0, 0.0)] + [
+        ((0.0, None) if n in nonnegative else (None, None)) for n in names]
+    res = minimize(loss, np.zeros(1 + len(names)), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"maxiter": 5000})
+    return Adjustment(names, means, scales, res.x[1:], res.x[0])
+
+
+# --- metrics -----------------------------------------------------------------------------------
 
 def auc(y, p) -> float | None:
     y = np.asarray(y)
-    if y.min() == y.max():
+    if len(y) == 0 or y.min() == y.max():
         return None
     return float(roc_auc_score(y, p))
-
-
-def choose_threshold(y, p, min_sensitivity: float = 0.9) -> float:
-    """Largest threshold whose sensitivity (p >= t) is at least ``min_sensitivity``."""
-    y = np.asarray(y)
-    pos = np.sort(np.asarray(p)[y == 1])[::-1]
-    k = int(np.ceil(min_sensitivity * len(pos))) - 1
-    return float(pos[max(0, min(k, len(pos) - 1))])
 
 
 def sens_spec(y, p, t) -> tuple[float, float]:
@@ -277,36 +334,69 @@ def sens_spec(y, p, t) -> tuple[float, float]:
     return float((p[y == 1] >= t).mean()), float((p[y == 0] < t).mean())
 
 
+def calibration(y, p, weights, bins: int = 10) -> dict:
+    """Weighted calibration: mean predicted vs observed (in the large) and ECE over equal-width bins."""
+    y, p, w = np.asarray(y, float), np.asarray(p, float), np.asarray(weights, float)
+    edges = np.linspace(0, 1, bins + 1)
+    k = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = k == b
+        if m.any():
+            ece += w[m].sum() / w.sum() * abs(np.average(p[m], weights=w[m]) - np.average(y[m], weights=w[m]))
+    return {"mean_predicted": float(np.average(p, weights=w)), "observed": float(np.average(y, weights=w)),
+            "ece": float(ece)}
+
+
 def _summary(values) -> dict:
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if v.size == 0:
+        return {"mean": None, "sd": None, "n": 0}
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else 0.0, "n": int(v.size)}
 
 
-def cross_validate(X, y, fold, feature_sets: dict[str, list[str]], C=LR_C, image_prob=None) -> dict:
-    """Per feature set: per-fold AUC, mean +- sd, pooled OOF AUC and the OOF scores."""
-    out = {}
-    folds = sorted(set(fold.tolist()))
-    if image_prob is not None:
-        out["image_only"] = {
-            "features": ["image probability (out-of-fold, as given)"],
-            "fold_auc": [auc(y[fold == k], image_prob[fold == k]) for k in folds],
-            "pooled_auc": auc(y, image_prob),
-            "oof": np.asarray(image_prob, dtype=np.float64),
-        }
-    for name, feats in feature_sets.items():
-        cols = columns(feats)
+def score_metrics(y, p, threshold: float, weights) -> dict:
+    sens, spec = sens_spec(y, p, threshold)
+    return {"roc_auc": auc(y, p), "sensitivity": sens, "specificity": spec,
+            "share_flagged": float((np.asarray(p) >= threshold).mean()),
+            "calibration_at_pool_mix": calibration(y, p, weights)}
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+FEATURE_SETS = {
+    "image_plus_ugly_duckling": cf.UD_FEATURES,
+    "image_plus_metadata": cf.METADATA_FEATURES,
+    "image_plus_ugly_duckling_plus_metadata": cf.MODEL_FEATURES,
+}
+EXPORT_SET = "image_plus_ugly_duckling_plus_metadata"
+# Evaluated to show what they would add, never exported (see cf.REJECTED_CANDIDATES).
+REJECTED_SETS = {
+    "rejected_image_plus_lesion_count": ["log_n_lesions"],
+    "rejected_image_plus_probability_rank": ["prob_rank_lesions"],
+}
+
+
+def cross_validate(X, y, fold, threshold: float, target_prevalence: float, C=LR_C) -> dict:
+    """Per feature set: OOF scores by fold, then metrics on all OOF scores (lesion-level rows)."""
+    w = class_weights(y, target_prevalence)
+    out = {"image_only": {"features": [], "oof": cf.sigmoid(X[:, LOGIT])}}
+    for name, feats in {**FEATURE_SETS, **REJECTED_SETS}.items():
         oof = np.zeros(len(y))
-        for k in folds:
+        for k in sorted(set(fold.tolist())):
             tr, te = fold != k, fold == k
-            oof[te] = fit_lr(X[tr][:, cols], y[tr], C).predict_proba(X[te][:, cols])[:, 1]
-        out[name] = {
-            "features": feats,
-            "fold_auc": [auc(y[fold == k], oof[fold == k]) for k in folds],
-            "pooled_auc": auc(y, oof),
-            "oof": oof,
-        }
-    for r in out.values():
-        r["fold_auc_mean_sd"] = _summary(r["fold_auc"])
+            m = fit_adjustment(X[tr], y[tr], feats, weights=w[tr], C=C,
+                               nonnegative=cf.NONNEGATIVE if name in FEATURE_SETS else ())
+            oof[te] = m.predict(X[te])
+        out[name] = {"features": feats, "oof": oof}
+    for name, r in out.items():
+        r.update(score_metrics(y, r["oof"], threshold, w))
+        r["fold_auc"] = [auc(y[fold == k], r["oof"][fold == k]) for k in sorted(set(fold.tolist()))]
+    shift = fit_adjustment(X, y, [], weights=w, fit_intercept=True).intercept
+    out["image_only"]["logit_shift_that_would_calibrate_it"] = float(shift)
+    base = out["image_only"]["roc_auc"]
+    for name, r in out.items():
+        r["roc_auc_gain_over_image_only"] = None if r["roc_auc"] is None or base is None else r["roc_auc"] - base
     return out
 
 
@@ -314,162 +404,114 @@ def _public(cv: dict) -> dict:
     return {k: {kk: vv for kk, vv in v.items() if kk != "oof"} for k, v in cv.items()}
 
 
-# --- (a) metadata on the real ISIC 2020 metadata -------------------------------------------------
-
-def evaluate_metadata(isic_path: str, n_folds: int = 5, seed: int = 42) -> dict:
-    rows = read_isic_metadata(isic_path)
-    y = np.array([r.target for r in rows])
-    pid = [r.patient_id for r in rows]
-    X = features_for_groups(
-        pid, np.full(len(rows), 0.5), [r.lesion_id for r in rows], None,
-        [r.site for r in rows], np.array([r.age for r in rows]), [r.sex for r in rows],
-    )
-    fold = np.full(len(rows), -1)
-    for k, (_, te) in enumerate(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(X, y, pid)):
-        fold[te] = k
-    no_counts = cf.DEMOGRAPHIC_FEATURES + cf.SITE_FEATURES
-    cv = cross_validate(X, y, fold, {"metadata": cf.METADATA_FEATURES, "without_patient_statistics": no_counts})
-    res = _public(cv)["metadata"]
-    base = _public(cv)["without_patient_statistics"]
-    full = fit_lr(X[:, columns(cf.METADATA_FEATURES)], y)
-    coefs = dict(zip(cf.METADATA_FEATURES, (round(float(c), 4) for c in full[-1].coef_.ravel())))
-    return {
-        "what": "(a) metadata-only context model on the REAL ISIC 2020 training metadata (no images)",
-        "data": os.path.basename(isic_path),
-        "n_images": len(rows), "n_patients": len(set(pid)), "n_melanoma": int(y.sum()),
-        "features": cf.METADATA_FEATURES,
-        "model": f"StandardScaler + LogisticRegression(C={LR_C})",
-        "cv": f"{n_folds}-fold StratifiedGroupKFold grouped by patient_id (shuffle, random_state={seed})",
-        "fold_auc": res["fold_auc"],
-        "roc_auc_mean_sd_over_folds": res["fold_auc_mean_sd"],
-        "roc_auc_pooled_oof": res["pooled_auc"],
-        "standardized_coefficients_all_data": coefs,
-        "comparison_without_patient_statistics": {
-            "features": no_counts,
-            "roc_auc_mean_sd_over_folds": base["fold_auc_mean_sd"],
-            "roc_auc_pooled_oof": base["pooled_auc"],
-        },
-    }
+def one_image_per_lesion(oof: OOFData) -> np.ndarray:
+    """Pool rows that represent their lesion (the last row of each lesion; an image without a lesion
+    id is its own lesion): the simulation gives every simulated lesion ONE pool lesion's image."""
+    last: dict = {}
+    for i, lid in enumerate(oof.lesion_id):
+        last[lid if lid else f"img:{i}"] = i
+    return np.array(sorted(last.values()), dtype=np.int64)
 
 
-# --- (b) image part ------------------------------------------------------------------------------
-
-FEATURE_SETS = {
-    # ablations: image logit + one group of context features
-    "image_plus_ugly_duckling": ["logit_prob", "ud_distance", "ud_rank_patient"],
-    "image_plus_patient_counts": ["logit_prob", *cf.COUNT_FEATURES],
-    # image probability + the within-patient image features only (ranks, z-scores, ugly duckling)
-    "image_plus_image_context": cf.IMAGE_CONTEXT_FEATURES,
-    # + the patient's image/lesion/region counts
-    "image_plus_context": cf.IMAGE_AND_CONTEXT_FEATURES,
-    # + age, sex, site: the exported model
-    "image_plus_context_plus_metadata": cf.FEATURE_NAMES,
-}
-EXPORT_SET = "image_plus_context_plus_metadata"
-
-
-def _simulated_features(oof: OOFData, sim) -> np.ndarray:
-    pi = sim.pool_index
-    return features_for_groups(
-        sim.patient.tolist(), oof.prob[pi], sim.lesion.tolist(), oof.embeddings[pi],
-        sim.site, sim.age, sim.sex, order=sim.order,
-    )
-
-
-def evaluate_simulated(oof: OOFData, isic_path: str, seeds, n_folds=5, n_patients=None, log=print,
-                       resemblance: float = 0.0, descriptors=None):
+def evaluate_simulated(oof: OOFData, isic_path: str, seeds, *, threshold: float, target_prevalence: float,
+                       n_folds=5, n_patients=None, resemblance: float = 0.0, descriptors=None, log=print):
     check_one_embedding_space(oof, per_patient=False)
-    rows = read_isic_metadata(isic_path)
-    per_seed, X_all, y_all, first = [], [], [], None
+    rows = lesion_rows(read_isic_metadata(isic_path))
+    reps = one_image_per_lesion(oof)
+    desc = None if descriptors is None else np.asarray(descriptors)[reps]
+    per_seed, X_all, y_all = [], [], []
     for s in seeds:
         t0 = time.time()
-        sim = simulate_patients(rows, oof.target, oof.lesion_id, n_patients=n_patients, n_folds=n_folds, seed=s,
-                                resemblance=resemblance, descriptors=descriptors)
-        X = _simulated_features(oof, sim)
+        sim = simulate_patients(rows, oof.target[reps], [f"pool:{i}" for i in reps], n_patients=n_patients,
+                                n_folds=n_folds, seed=s, resemblance=resemblance, descriptors=desc)
+        pi = reps[sim.pool_index]
+        X = features_for_groups(sim.patient.tolist(), oof.prob[pi], sim.lesion.tolist(), oof.embeddings,
+                                sim.site, sim.age, sim.sex, order=sim.order, embedding_index=pi)
         y = sim.target
-        cv = cross_validate(X, y, sim.fold, FEATURE_SETS, image_prob=oof.prob[sim.pool_index])
-        pub = _public(cv)
-        delta = {k: pub[k]["pooled_auc"] - pub["image_only"]["pooled_auc"] for k in FEATURE_SETS}
-        per_seed.append({"seed": s, "simulation": sim.stats, "auc": pub, "pooled_auc_gain_over_image_only": delta})
-        log(f"  simulated patients (resemblance {resemblance:g}) seed {s}: image-only AUC {pub['image_only']['pooled_auc']:.4f}, "
-            + ", ".join(f"{k} {pub[k]['pooled_auc']:.4f}" for k in FEATURE_SETS) + f" ({time.time() - t0:.1f}s)")
+        pub = _public(cross_validate(X, y, sim.fold, threshold, target_prevalence))
+        per_seed.append({"seed": s, "simulation": sim.stats, "results": pub})
+        log(f"  resemblance {resemblance:g} seed {s}: ROC-AUC image only {pub['image_only']['roc_auc']:.4f}, "
+            + ", ".join(f"{k} {pub[k]['roc_auc']:.4f}" for k in FEATURE_SETS) + f" ({time.time() - t0:.1f}s)")
         X_all.append(X)
         y_all.append(y)
-        if first is None:
-            first = (y, cv[EXPORT_SET]["oof"])
-    summary = {}
-    for k in ["image_only", *FEATURE_SETS]:
-        summary[k] = {
-            "pooled_auc_over_seeds": _summary([r["auc"][k]["pooled_auc"] for r in per_seed]),
-            "fold_auc_over_seeds_and_folds": _summary([a for r in per_seed for a in r["auc"][k]["fold_auc"]]),
-        }
-    for k in FEATURE_SETS:
-        summary[k]["pooled_gain_over_image_only"] = _summary([r["pooled_auc_gain_over_image_only"][k] for r in per_seed])
-    return per_seed, summary, np.concatenate(X_all), np.concatenate(y_all), first
+    return per_seed, summarise(per_seed), np.concatenate(X_all), np.concatenate(y_all)
 
 
-def odd_one_out_check(oof: OOFData, descriptors, model: dict, n_trials: int = 500, n_similar: int = 5,
-                     seed: int = 0) -> dict:
-    """What the exported model does with a clearly different lesion, on real pool images.
-
-    Per trial: a melanoma image X; patient A = X + the ``n_similar`` benign images most like a
-    random benign signature image (in colour descriptors); patient B = X + the ``n_similar``
-    benign images most like X itself. Same probabilities would rank X the same in both; only
-    its dissimilarity from the other lesions differs. Reports how often X's ugly-duckling distance
-    and final score are higher in A (as the odd one out) than in B, and the median score ratio.
-    """
-    rng = np.random.default_rng(seed)
-    d = standardize(descriptors)
-    benign, melanoma = np.flatnonzero(oof.target == 0), np.flatnonzero(oof.target == 1)
-    if len(benign) <= n_similar or not len(melanoma):
-        return {}
-    ud_col = cf.FEATURE_NAMES.index("ud_distance")
-    ud_higher, score_higher, ratios = [], [], []
-    for _ in range(n_trials):
-        x = int(rng.choice(melanoma))
-        signature = int(rng.choice(benign))
-        out = []
-        for anchor in (signature, x):
-            others = benign[np.argsort(np.linalg.norm(d[benign] - d[anchor], axis=1), kind="stable")[:n_similar]]
-            idx = np.r_[others, x]
-            X = cf.patient_features(oof.prob[idx], list(range(len(idx))), embeddings=oof.embeddings[idx],
-                                    sites=["torso"] * len(idx), ages=[50] * len(idx), sexes=[""] * len(idx))
-            out.append((X[-1, ud_col], float(cf.apply_context_model(model, X)[-1])))
-        (ud_a, s_a), (ud_b, s_b) = out
-        ud_higher.append(ud_a > ud_b)
-        score_higher.append(s_a > s_b)
-        ratios.append(s_a / s_b)
-    return {
-        "what": (f"{n_trials} trials on the pool's real images: a melanoma image as the odd one out among "
-                 f"{n_similar} benign images that resemble each other (colour nearest neighbours of a "
-                 f"random benign image) vs the same image among {n_similar} benign images that resemble it"),
-        "ud_distance_higher_as_odd_one_out": float(np.mean(ud_higher)),
-        "final_score_higher_as_odd_one_out": float(np.mean(score_higher)),
-        "median_final_score_ratio": float(np.median(ratios)),
-    }
+def summarise(per_seed) -> dict:
+    out = {}
+    for k in per_seed[0]["results"]:
+        rs = [r["results"][k] for r in per_seed]
+        out[k] = {m: _summary([r[m] for r in rs]) for m in
+                  ("roc_auc", "roc_auc_gain_over_image_only", "sensitivity", "specificity", "share_flagged")}
+        out[k]["ece_at_pool_mix"] = _summary([r["calibration_at_pool_mix"]["ece"] for r in rs])
+        out[k]["features"] = rs[0]["features"]
+        if "logit_shift_that_would_calibrate_it" in rs[0]:
+            out[k]["logit_shift_that_would_calibrate_it"] = _summary(
+                [r["logit_shift_that_would_calibrate_it"] for r in rs])
+    return out
 
 
-def evaluate_real_patients(oof: OOFData, n_folds=5, seed=42):
+def evaluate_real_patients(oof: OOFData, *, threshold: float, target_prevalence: float, n_folds=5, seed=42):
+    """Lesion-level rows (each lesion's latest image) of real patients, patient-grouped CV."""
     check_one_embedding_space(oof, per_patient=True)
-    pid = oof.patient_id
     lesion = [l or f"img:{i}" for i, l in zip(oof.image_id, oof.lesion_id)]
-    X = features_for_groups(pid, oof.prob, lesion, oof.embeddings, oof.site, oof.age, oof.sex)
-    y = oof.target
+    X_img = features_for_groups(oof.patient_id, oof.prob, lesion, oof.embeddings, oof.site, oof.age, oof.sex)
+    rep = sorted({(p, l): i for i, (p, l) in enumerate(zip(oof.patient_id, lesion))}.values())
+    X, y = X_img[rep], np.array([oof.target[[j for j, l in enumerate(lesion) if l == lesion[i]]].max()
+                                  for i in rep])
+    pid = [oof.patient_id[i] for i in rep]
     fold = np.full(len(y), -1)
     for k, (_, te) in enumerate(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(X, y, pid)):
         fold[te] = k
-    cv = cross_validate(X, y, fold, FEATURE_SETS, image_prob=oof.prob)
-    pub = _public(cv)
-    res = {"cv": f"{n_folds}-fold StratifiedGroupKFold grouped by patient_id (random_state={seed})",
-           "auc": pub,
-           "pooled_auc_gain_over_image_only": {k: pub[k]["pooled_auc"] - pub["image_only"]["pooled_auc"]
-                                               for k in FEATURE_SETS}}
-    return res, X, y, (y, cv[EXPORT_SET]["oof"])
+    res = _public(cross_validate(X, y, fold, threshold, target_prevalence))
+    return {"cv": f"{n_folds}-fold StratifiedGroupKFold grouped by patient_id (random_state={seed}), one row "
+                  "per lesion (its latest image)", "n_lesions": len(y), "results": res}, X, y
+
+
+def evaluate_metadata(isic_path: str, n_folds: int = 5, seed: int = 42) -> dict:
+    """(a) Lesion-level, on the REAL ISIC 2020 metadata without images: what age/sex/site tell
+    (and what a lesion count would, as a rejected candidate), patient-grouped CV, plain LR
+    (intercept = ISIC 2020's own prevalence; only the ROC-AUC is reported)."""
+    rows = lesion_rows(read_isic_metadata(isic_path))
+    y = np.array([r.target for r in rows])
+    pid = [r.patient_id for r in rows]
+    X = features_for_groups(pid, np.full(len(rows), 0.5), [r.lesion_id for r in rows], None,
+                            [r.site for r in rows], np.array([r.age for r in rows]), [r.sex for r in rows])
+    fold = np.full(len(rows), -1)
+    for k, (_, te) in enumerate(StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(X, y, pid)):
+        fold[te] = k
+    out = {"what": "(a) lesion-level metadata model on the REAL ISIC 2020 metadata (no images)",
+           "data": os.path.basename(isic_path), "n_lesions": len(rows), "n_patients": len(set(pid)),
+           "n_melanoma_lesions": int(y.sum()),
+           "cv": f"{n_folds}-fold StratifiedGroupKFold by patient_id (random_state={seed})"}
+    for name, feats in {"metadata": cf.METADATA_FEATURES,
+                        "rejected_metadata_plus_lesion_count": cf.METADATA_FEATURES + ["log_n_lesions"]}.items():
+        oof = np.zeros(len(y))
+        for k in range(n_folds):
+            tr, te = fold != k, fold == k
+            oof[te] = fit_adjustment(X[tr], y[tr], feats, nonnegative=(), fit_intercept=True).predict(X[te])
+        full = fit_adjustment(X, y, feats, nonnegative=(), fit_intercept=True)
+        out[name] = {"features": feats, "roc_auc_pooled_oof": auc(y, oof),
+                     "standardized_coefficients": {f: round(float(c), 4) for f, c in zip(feats, full.coef)}}
+    return out
+
+
+# --- colour descriptors for the resemblance assumption --------------------------------------------
+
+def descriptors_from_images(oof: OOFData, data: str, layout: str = "auto", size: int = 64) -> np.ndarray:
+    """Model-independent colour descriptors of the pool images, read from the image folders."""
+    from .datasets import read_layout
+    from .preprocessing import load_rgb
+    from .simulate import colour_descriptor
+
+    records = {r.image_id: r for r in read_layout(data, layout)}
+    missing = [i for i in oof.image_id if i not in records]
+    if missing:
+        raise SystemExit(f"--data {data}: {len(missing)} pool images are not there (first: {missing[0]})")
+    return np.stack([colour_descriptor(load_rgb(records[i].path, size)) for i in oof.image_id])
 
 
 # --- main ----------------------------------------------------------------------------------------
-
-
 
 def _write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
@@ -481,30 +523,54 @@ def _write_json(path: str, obj) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m training context", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--oof", help="out-of-fold predictions CSV (one row per image)")
-    ap.add_argument("--embeddings", help=".npy embeddings aligned with --oof")
+    ap.add_argument("--pool", "--oof", dest="oof",
+                    help="held-out predictions CSV, one row per image (an ensemble's holdout_predictions.csv)")
+    ap.add_argument("--embeddings", help=".npy embeddings (n, d) of the pool images, one embedding space")
+    ap.add_argument("--card", default=None,
+                    help="the model version's card.json: its operating threshold is THE threshold "
+                         "(default: card.json beside --pool when there is one)")
+    ap.add_argument("--threshold", type=float, default=None, help="the operating threshold (instead of --card)")
     ap.add_argument("--isic-metadata", default=DEFAULT_ISIC_METADATA,
-                    help="ISIC 2020 ground-truth CSV (real patient structure); default: %(default)s")
+                    help="ISIC 2020 ground-truth CSV (real patient/lesion structure); default: %(default)s")
     ap.add_argument("--out", required=True, help="output folder for context_model.json + context_report.json")
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--seeds", default="0,1,2,3,4", help="simulation seeds (simulated patients only)")
+    ap.add_argument("--seeds", default="0,1,2", help="simulation seeds (simulated patients only)")
     ap.add_argument("--sim-patients", type=int, default=None,
                     help="simulated patients per seed (default: every real ISIC 2020 patient once)")
-    ap.add_argument("--min-sensitivity", type=float, default=0.9,
-                    help="context threshold: largest with this sensitivity on the pooled OOF context scores")
-    ap.add_argument("--metadata-only", action="store_true", help="only (a): metadata model on real ISIC 2020 metadata")
-    ap.add_argument("--skip-metadata", action="store_true", help="skip (a)")
+    ap.add_argument("--skip-metadata", action="store_true", help="skip (a), the metadata-only check")
     ap.add_argument("--synthetic", type=int, default=0, metavar="N",
-                    help="use N synthetic OOF images instead of --oof/--embeddings (development)")
-    ap.add_argument("--model-name", default="", help="image model version the OOF came from (recorded)")
+                    help="use N synthetic pool images instead of --pool/--embeddings (development)")
+    ap.add_argument("--model-name", default="", help="image model version the pool came from (recorded)")
     ap.add_argument("--descriptors", default=None,
-                    help="colour descriptors .npy aligned with --oof (`training embed` writes "
-                         "context_pool_colour.npy); needed for --resemblance above 0")
+                    help="colour descriptors .npy aligned with --pool (`training embed` writes "
+                         "context_pool_colour.npy); or give --data")
+    ap.add_argument("--data", default=None,
+                    help="image folder(s), comma-separated, holding the pool images: colour descriptors "
+                         "are computed from them (for --resemblance above 0)")
+    ap.add_argument("--layout", default="auto", help="layout of --data (see `training train --help`)")
     ap.add_argument("--resemblance", default="0",
-                    help="simulated patients only: comma-separated within-patient resemblance levels "
-                         "in [0, 1] (an assumption: see training/simulate.py); every level is evaluated, "
-                         "the FIRST one trains the exported model")
+                    help="comma-separated within-patient resemblance levels in [0, 1] (an ASSUMPTION: see "
+                         "training/simulate.py); every level is evaluated, the FIRST one trains the export")
     return ap
+
+
+def _threshold(args) -> tuple[float, str]:
+    if args.threshold is not None:
+        if not 0 < args.threshold < 1:
+            raise SystemExit(f"--threshold must be in (0, 1), got {args.threshold}")
+        return float(args.threshold), "--threshold"
+    card = args.card
+    if card is None and args.oof and os.path.isfile(os.path.join(os.path.dirname(args.oof), "card.json")):
+        card = os.path.join(os.path.dirname(args.oof), "card.json")
+    if card is None:
+        raise SystemExit("the operating threshold is needed: pass --card card.json (the model version's) "
+                         "or --threshold T")
+    try:
+        with open(card) as f:
+            t = float(json.load(f)["threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"{card}: no usable 'threshold' ({exc})") from None
+    return t, os.path.basename(card)
 
 
 def main(argv=None) -> int:
@@ -512,58 +578,60 @@ def main(argv=None) -> int:
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
     have_meta = bool(args.isic_metadata) and os.path.isfile(args.isic_metadata)
+    threshold, threshold_from = (args.threshold, "--threshold") if args.synthetic and args.threshold else \
+        ((0.2, "synthetic default") if args.synthetic else _threshold(args))
     report: dict = {
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "feature_version": cf.FEATURE_VERSION,
-        "feature_names": cf.FEATURE_NAMES,
+        "model_features": cf.MODEL_FEATURES,
+        "rejected_candidates": cf.REJECTED_CANDIDATES,
         "command": "python -m training context " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "threshold": {"value": threshold, "from": threshold_from,
+                      "meaning": "THE operating threshold of the model version (image-only and context-adjusted "
+                                 "scores are both compared with it)"},
     }
-    if not args.skip_metadata:
-        if not have_meta:
-            print(f"no ISIC 2020 metadata at {args.isic_metadata}: skipping (a)", file=sys.stderr)
-        else:
-            a = evaluate_metadata(args.isic_metadata, n_folds=args.folds)
-            report["metadata_real_isic2020"] = a
-            m = a["roc_auc_mean_sd_over_folds"]
-            b = a["comparison_without_patient_statistics"]
-            print(f"(a) metadata-only on real ISIC 2020 ({a['n_patients']} patients, {a['n_images']} images): "
-                  f"ROC-AUC {m['mean']:.4f} +- {m['sd']:.4f} over {m['n']} patient-grouped folds, "
-                  f"pooled OOF {a['roc_auc_pooled_oof']:.4f} (age/sex/site alone: "
-                  f"{b['roc_auc_mean_sd_over_folds']['mean']:.4f} +- {b['roc_auc_mean_sd_over_folds']['sd']:.4f}, "
-                  f"pooled {b['roc_auc_pooled_oof']:.4f})")
-    if args.metadata_only:
-        _write_json(os.path.join(args.out, "context_report.json"), report)
-        return 0
-
     if args.synthetic:
         oof = synthetic_oof(args.synthetic)
-        sources = {"oof": oof.source}
+        sources = {"pool": oof.source}
     else:
         if not (args.oof and args.embeddings):
-            raise SystemExit("--oof and --embeddings are required (or --synthetic N / --metadata-only)")
+            raise SystemExit("--pool and --embeddings are required (or --synthetic N)")
         oof = read_oof(args.oof, args.embeddings, args.isic_metadata if have_meta else None)
-        sources = {"oof": os.path.basename(args.oof), "oof_sha256": file_sha256(args.oof),
-                   "embeddings": os.path.basename(args.embeddings), "embeddings_sha256": file_sha256(args.embeddings)}
+        sources = {"pool": os.path.basename(args.oof), "pool_sha256": file_sha256(args.oof),
+                   "embeddings": os.path.basename(args.embeddings),
+                   "embeddings_sha256": file_sha256(args.embeddings)}
+    prevalence = float(oof.target.mean())
     pool_desc = {**sources, "n_images": len(oof), "n_melanoma": int(oof.target.sum()),
-                 "embedding_dim": int(oof.embeddings.shape[1]),
-                 "image_only_auc_of_the_oof": auc(oof.target, oof.prob)}
+                 "melanoma_share": prevalence, "embedding_dim": int(oof.embeddings.shape[1]),
+                 "image_only_roc_auc": auc(oof.target, oof.prob)}
     if args.model_name:
         pool_desc["image_model"] = args.model_name
+    print(f"pool: {len(oof)} images ({prevalence:.1%} melanoma, the calibration mix), embeddings "
+          f"{oof.embeddings.shape[1]}-d; threshold {threshold:.4f} ({threshold_from})")
+    if not args.skip_metadata and have_meta:
+        a = evaluate_metadata(args.isic_metadata, n_folds=args.folds)
+        report["metadata_real_isic2020"] = a
+        print(f"(a) real ISIC 2020 metadata, lesion-level: age/sex/site ROC-AUC "
+              f"{a['metadata']['roc_auc_pooled_oof']:.4f}; + lesion count (rejected) "
+              f"{a['rejected_metadata_plus_lesion_count']['roc_auc_pooled_oof']:.4f}")
 
-    descriptors_for_check = None
     if oof.has_patients:
-        res, X_train, y_train, (y_thr, p_thr) = evaluate_real_patients(oof, n_folds=args.folds)
-        report["real_patients"] = {"what": "image part on REAL patients (patient ids from the OOF file)",
-                                   "feature_sets": FEATURE_SETS, "exported_feature_set": EXPORT_SET,
-                                   "data": pool_desc, **res}
-        training_data = {"kind": "real patients", **pool_desc, "n_patients": len(set(oof.patient_id))}
-        for k in ["image_only", *FEATURE_SETS]:
-            print(f"(b) real patients: {k}: pooled OOF ROC-AUC {res['auc'][k]['pooled_auc']:.4f}")
-        headline = {k: res["auc"][k]["pooled_auc"] for k in ["image_only", *FEATURE_SETS]}
+        res, X_train, y_train = evaluate_real_patients(oof, threshold=threshold, target_prevalence=prevalence,
+                                                       n_folds=args.folds)
+        report["real_patients"] = {"pool": pool_desc, **res}
+        by_level = {"real patients": {k: {"roc_auc": {"mean": v["roc_auc"]},
+                                          "roc_auc_gain_over_image_only": {"mean": v["roc_auc_gain_over_image_only"]},
+                                          "sensitivity": {"mean": v["sensitivity"]},
+                                          "specificity": {"mean": v["specificity"]},
+                                          "share_flagged": {"mean": v["share_flagged"]}}
+                                      for k, v in res["results"].items()}}
+        training_data = {"kind": "real patients", **pool_desc, "n_patients": len(set(oof.patient_id)),
+                         "n_lesions": int(len(y_train))}
+        level0 = "real patients"
     else:
         if not have_meta:
-            raise SystemExit(f"the OOF has no patient ids and there is no ISIC 2020 metadata at {args.isic_metadata} "
-                             "to simulate patients from")
+            raise SystemExit(f"the pool has no patient ids and there is no ISIC 2020 metadata at "
+                             f"{args.isic_metadata} to simulate patients from")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         try:
             levels = [float(v) for v in args.resemblance.split(",") if v.strip()]
@@ -575,131 +643,132 @@ def main(argv=None) -> int:
         if args.descriptors:
             descriptors = np.load(args.descriptors)
             if descriptors.ndim != 2 or descriptors.shape[0] != len(oof):
-                raise SystemExit(f"{args.descriptors}: expected one row per --oof row ({len(oof)}), "
+                raise SystemExit(f"{args.descriptors}: expected one row per pool row ({len(oof)}), "
                                  f"got shape {descriptors.shape}")
+        elif args.data and any(v > 0 for v in levels):
+            t0 = time.time()
+            descriptors = descriptors_from_images(oof, args.data, args.layout)
+            print(f"colour descriptors of {len(oof)} pool images from {args.data} ({time.time() - t0:.0f}s)")
         elif any(v > 0 for v in levels):
-            raise SystemExit("--resemblance above 0 needs --descriptors (context_pool_colour.npy from "
-                             "`python -m training embed`)")
+            raise SystemExit("--resemblance above 0 needs --descriptors or --data (the pool's image folders)")
         try:
             check_one_embedding_space(oof, per_patient=False)
         except ValueError as exc:
             raise SystemExit(str(exc)) from None
-        print(f"(b) simulated patients: ISIC 2020 structure x {len(oof)} pool images, seeds {seeds}, "
-              f"resemblance {levels}")
-        comparison = {}
-        for level in levels[1:]:
-            _, summ, _, _, _ = evaluate_simulated(oof, args.isic_metadata, seeds, n_folds=args.folds,
-                                                 n_patients=args.sim_patients, resemblance=level,
-                                                 descriptors=descriptors)
-            comparison[str(level)] = {k: summ[k]["pooled_auc_over_seeds"] for k in ["image_only", *FEATURE_SETS]}
-        per_seed, summary, X_train, y_train, (y_thr, p_thr) = evaluate_simulated(
-            oof, args.isic_metadata, seeds, n_folds=args.folds, n_patients=args.sim_patients,
-            resemblance=levels[0], descriptors=descriptors)
-        descriptors_for_check = descriptors
-        comparison[str(levels[0])] = {k: summary[k]["pooled_auc_over_seeds"] for k in ["image_only", *FEATURE_SETS]}
+        by_level, per_level = {}, {}
+        X_train = y_train = None
+        for level in levels:
+            per_seed, summary, X, y = evaluate_simulated(
+                oof, args.isic_metadata, seeds, threshold=threshold, target_prevalence=prevalence,
+                n_folds=args.folds, n_patients=args.sim_patients, resemblance=level, descriptors=descriptors)
+            by_level[f"resemblance {level:g}"] = summary
+            per_level[f"resemblance {level:g}"] = per_seed
+            if X_train is None:
+                X_train, y_train, sim_stats = X, y, per_seed[0]["simulation"]
+        level0 = f"resemblance {levels[0]:g}"
         report["simulated_patients"] = {
-            "what": ("image part on SIMULATED PATIENTS: real ISIC 2020 patient profiles (rows, melanoma rows, "
-                     "age/sex/site per row) filled with the pool images' out-of-fold probabilities and "
-                     "embeddings (same class, grouped by lesion_id, no lesion twice in one patient). "
-                     "Not real patients."),
-            "how_measured": (f"per seed: patients and pool lesions dealt into {args.folds} folds (stratified), a "
-                             "patient only gets images of its fold, so the CV is patient-grouped and "
-                             "image-disjoint; logistic regression on standardized features trained on 4 folds, "
-                             "scored on the 5th; ROC-AUC per fold and over all pooled out-of-fold scores. "
-                             "image_only = the pool's OOF image probability on the same simulated images."),
-            "resemblance": levels[0],
+            "what": ("SIMULATED PATIENTS: the real ISIC 2020 patients with their real lesions (lesion ids of the "
+                     "v2 ground truth; a lesion's class, age at its first image, sex and site), every lesion "
+                     "filled with one held-out pool lesion of the same class (its probability and embedding). "
+                     "One row per lesion. Not real patients."),
+            "how_measured": (f"per seed, patients and pool lesions are dealt into {args.folds} folds (a patient only "
+                             "gets pool lesions of its fold); the adjustment is fitted on 4 folds and scores the 5th; "
+                             "metrics over all out-of-fold scores. Sensitivity/specificity/share flagged at THE "
+                             "threshold; calibration weighted to the pool's melanoma share."),
             "resemblance_meaning": (
                 "probability that a simulated patient's benign lesion is the pool lesion most like the patient's "
                 "random 'signature' benign lesion in model-independent colour descriptors (else a random one); "
-                "melanomas are always random. 0 = plain random fill. An ASSUMPTION standing in for the "
-                "resemblance of one person's naevi, which these data cannot measure (see training/simulate.py)."),
-            "resemblance_comparison_pooled_auc": comparison,
+                "melanomas are always random. 0 = plain random fill, where the ugly-duckling sign cannot exist. "
+                "An ASSUMPTION standing in for how alike one person's naevi are, which these data cannot measure."),
+            "exported_resemblance": levels[0],
+            "pool": pool_desc, "isic_metadata": os.path.basename(args.isic_metadata), "seeds": seeds,
+            "simulation_example": sim_stats,
+            "summary_by_resemblance": by_level,
+            "per_seed_by_resemblance": per_level,
             "caveats": [
                 "Simulated patients are not real patients: a simulated patient's lesions come from different "
-                "real people. With resemblance 0 they do not resemble each other more than any two lesions do, "
-                "so the 'ugly duckling' sign cannot exist; with resemblance > 0 the resemblance of one person's "
-                "benign lesions is ASSUMED (in colour), and the ugly-duckling gain measured depends on that "
-                "assumption. Only real multi-lesion patients can measure it.",
-                "Age, sex and site come from the real ISIC 2020 rows the images were assigned to (same class), "
-                "so image_plus_context_plus_metadata includes the real metadata signal measured in (a).",
-                "Pool images are reused across simulated patients of the same fold (never within a patient, "
-                "never across folds).",
+                "people; what the ugly-duckling feature adds depends on the ASSUMED resemblance.",
+                "Age, sex and site come from the real ISIC 2020 lesions the pool images were assigned to (same "
+                "class): what the metadata adds is the real ISIC 2020 metadata signal, not the pool's.",
+                "Share flagged is at the real ISIC 2020 mix (about 1.8% melanoma lesions).",
             ],
-            "feature_sets": {"image_only": ["image probability as given (no model)"], **FEATURE_SETS},
-            "exported_feature_set": EXPORT_SET,
-            "image_pool": pool_desc,
-            "isic_metadata": os.path.basename(args.isic_metadata),
-            "seeds": seeds,
-            "summary": summary,
-            "per_seed": per_seed,
         }
         training_data = {
             "kind": "simulated patients",
-            "description": (f"simulated patients (seeds {seeds}, all concatenated): the real ISIC 2020 patient "
-                            f"structure of {os.path.basename(args.isic_metadata)} filled with {len(oof)} pool "
-                            "images' out-of-fold predictions and embeddings, assumed within-patient "
-                            f"resemblance {levels[0]:g}; not real patients"),
-            "resemblance": levels[0],
-            "pool": pool_desc,
+            "description": (f"simulated patients (seeds {seeds}, concatenated): the real ISIC 2020 patient and "
+                            f"lesion structure of {os.path.basename(args.isic_metadata)} filled with held-out "
+                            f"pool lesions, assumed within-patient resemblance {levels[0]:g}; not real patients"),
+            "resemblance": levels[0], "pool": pool_desc,
             "n_rows": int(len(y_train)), "n_melanoma_rows": int(y_train.sum()),
         }
-        for level, res in comparison.items():
-            print(f"(b) simulated patients, resemblance {level}: image only "
-                  f"{res['image_only']['mean']:.4f}, image + context {res['image_plus_context']['mean']:.4f}, "
-                  f"+ metadata {res[EXPORT_SET]['mean']:.4f}")
-        for k in ["image_only", *FEATURE_SETS]:
-            s = summary[k]["pooled_auc_over_seeds"]
-            print(f"(b) simulated patients (resemblance {levels[0]:g}): {k}: pooled OOF ROC-AUC {s['mean']:.4f} +- {s['sd']:.4f} over seeds")
-        headline = {k: summary[k]["pooled_auc_over_seeds"]["mean"] for k in ["image_only", *FEATURE_SETS]}
+    for level, summ in by_level.items():
+        img = summ["image_only"]
+        line = [f"{level}: image only ROC-AUC {img['roc_auc']['mean']:.4f}, "
+                f"sens {img['sensitivity']['mean']:.3f} spec {img['specificity']['mean']:.3f} "
+                f"flagged {img['share_flagged']['mean']:.1%}"]
+        for k in [*FEATURE_SETS, *REJECTED_SETS]:
+            s = summ[k]
+            line.append(f"  {k}: ROC-AUC {s['roc_auc']['mean']:.4f} ({s['roc_auc_gain_over_image_only']['mean']:+.4f}), "
+                        f"sens {s['sensitivity']['mean']:.3f} spec {s['specificity']['mean']:.3f} "
+                        f"flagged {s['share_flagged']['mean']:.1%}")
+        print("\n".join(line))
 
-    # The exported model: LR on every row (all folds; all seeds for simulated patients).
-    feats = FEATURE_SETS[EXPORT_SET]
-    final = fit_lr(X_train[:, columns(feats)], y_train)
-    model = export_lr(final, feats)
-    thr = choose_threshold(y_thr, p_thr, args.min_sensitivity)
-    sens, spec = sens_spec(y_thr, p_thr, thr)
+    # The exported adjustment: fitted on every row (all folds; all seeds of the first level).
+    weights = class_weights(y_train, prevalence)
+    final = fit_adjustment(X_train, y_train, FEATURE_SETS[EXPORT_SET], weights=weights)
+    model = final.export()
+    head = by_level[level0]
+    if "real patients" in by_level:
+        head["image_only"]["logit_shift_that_would_calibrate_it"] = {
+            "mean": report["real_patients"]["results"]["image_only"]["logit_shift_that_would_calibrate_it"]}
+    g = lambda k, m: head[k][m]["mean"]  # noqa: E731
     model.update({
-        "threshold": thr,
-        "threshold_method": (f"largest threshold with sensitivity >= {args.min_sensitivity} on the pooled "
-                             "out-of-fold context scores (first seed for simulated patients)"),
+        "scale": ("melanoma probability on the image model's scale: no global shift (at a patient's average "
+                  "context the score is the image probability), so it is calibrated exactly as far as the image "
+                  f"model is (fitted with classes weighted to the pool's {prevalence:.1%} melanoma, the image "
+                  "model's calibration mix; logit shift that would recalibrate the image model on these lesions: "
+                  f"{head['image_only'].get('logit_shift_that_would_calibrate_it', {}).get('mean', float('nan')):+.3f})"),
+        "threshold_note": "none of its own: scores are compared with the model version's threshold",
+        "threshold_used_in_evaluation": threshold,
+        "constraints": {n: ">= 0" for n in cf.NONNEGATIVE},
         "metrics": {
-            "data": training_data["kind"],
-            "roc_auc_image_only": headline["image_only"],
-            "roc_auc_context": headline[EXPORT_SET],
-            "roc_auc_image_plus_context_without_metadata": headline["image_plus_context"],
-            "sensitivity_at_threshold": sens, "specificity_at_threshold": spec,
-            **({"roc_auc_metadata_only_real_isic2020": report["metadata_real_isic2020"]["roc_auc_pooled_oof"]}
-               if "metadata_real_isic2020" in report else {}),
+            "data": training_data["kind"], "assumption": level0,
+            "roc_auc_image_only": g("image_only", "roc_auc"),
+            "roc_auc_context": g(EXPORT_SET, "roc_auc"),
+            "roc_auc_image_plus_ugly_duckling": g("image_plus_ugly_duckling", "roc_auc"),
+            "roc_auc_image_plus_metadata": g("image_plus_metadata", "roc_auc"),
+            "sensitivity_image_only": g("image_only", "sensitivity"),
+            "specificity_image_only": g("image_only", "specificity"),
+            "sensitivity_context": g(EXPORT_SET, "sensitivity"),
+            "specificity_context": g(EXPORT_SET, "specificity"),
+            "share_flagged_image_only": g("image_only", "share_flagged"),
+            "share_flagged_context": g(EXPORT_SET, "share_flagged"),
+            "by_assumption": {lvl: {k: {m: s[k][m]["mean"] for m in ("roc_auc", "sensitivity", "specificity",
+                                                                      "share_flagged")}
+                                    for k in ["image_only", *FEATURE_SETS]}
+                              for lvl, s in by_level.items()},
         },
         "training_data": training_data,
-        "model": f"StandardScaler + LogisticRegression(C={LR_C}, lbfgs)",
-        "output": ("context-adjusted melanoma score, calibrated to the training population's prevalence "
-                   f"({y_train.mean():.2%} melanoma), not to the image model's"),
+        "model": f"class-weighted L2 logistic regression (C={LR_C}) with the image logit as offset, no "
+                 "intercept (centred, standardised features), ugly-duckling coefficient >= 0 (L-BFGS-B)",
         "created_at": report["created_at"],
-        "description": ("Patient-context model: logistic regression on the image probability (logit) and the "
-                        "within-patient context features of training/context_features.py. Apply with "
+        "description": ("Patient-context adjustment of the image logit: lesion-level ugly-duckling distance, age "
+                        "when the lesion was first photographed, sex, site. Apply with "
                         "training.context_features.apply_context_model (numpy). Not validated for clinical use."),
     })
     cf.validate_context_model(model)
-    # Round trip: the JSON model equals scikit-learn's predict_proba on the training rows.
     check = cf.apply_context_model(json.loads(json.dumps(model)), X_train[:2000])
-    ref = final.predict_proba(X_train[:2000][:, columns(feats)])[:, 1]
-    if not np.allclose(check, ref, atol=1e-9):
-        raise AssertionError("exported context model does not reproduce predict_proba")
-    if descriptors_for_check is not None:
-        check_ud = odd_one_out_check(oof, descriptors_for_check, model)
-        if check_ud:
-            report["odd_one_out_check"] = check_ud
-            print(f"odd-one-out check: ud distance higher in {check_ud['ud_distance_higher_as_odd_one_out']:.0%}, "
-                  f"final score higher in {check_ud['final_score_higher_as_odd_one_out']:.0%} of trials "
-                  f"(median score ratio {check_ud['median_final_score_ratio']:.2f})")
-    report["exported_model"] = {k: model[k] for k in ("feature_names", "coefficients", "intercept", "threshold",
-                                                       "threshold_method", "metrics", "training_data")}
+    if not np.allclose(check, final.predict(X_train[:2000]), atol=1e-9):
+        raise AssertionError("exported context model does not reproduce the fitted one")
+    report["exported_model"] = {k: model[k] for k in ("feature_names", "coefficients", "intercept", "constraints",
+                                                       "scale", "metrics", "training_data")}
     report["seconds"] = round(time.time() - t_start, 1)
     _write_json(os.path.join(args.out, "context_model.json"), model)
     _write_json(os.path.join(args.out, "context_report.json"), report)
-    print(f"wrote {os.path.join(args.out, 'context_model.json')} and context_report.json "
-          f"(threshold {thr:.4f}: sensitivity {sens:.3f}, specificity {spec:.3f}; {report['seconds']}s)")
+    coefs = ", ".join(f"{n} {c:+.3f}" for n, c in zip(model["feature_names"], model["coefficients"])
+                      if n in ("ud_distance", "age", "sex_male"))
+    print(f"wrote {os.path.join(args.out, 'context_model.json')} and context_report.json ({level0}; {coefs}; "
+          f"intercept {model['intercept']:+.3f}; {report['seconds']}s)")
     return 0
 
 

@@ -26,6 +26,11 @@ of its benign lesions is, with probability r, the not-yet-used pool lesion whose
 otherwise a random one. Melanoma rows are always filled at random. Whether the image model's
 embedding picks up that resemblance is then what the evaluation measures.
 
+The patient-context model (``python -m training context``) simulates at the LESION level: the
+ISIC 2020 rows are first collapsed to one row per real lesion (``lesion_rows``: v2 ground truth
+has lesion ids; 32,701 lesions, 581 melanomas), and the pool to one image per pool lesion, so
+every simulated lesion is one pool lesion with one image (the unit of context is the lesion).
+
 Everything reported from this module is "simulated patients", never real patient data.
 """
 from __future__ import annotations
@@ -91,6 +96,23 @@ def read_isic_metadata(path: str) -> list[MetaRow]:
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def lesion_rows(rows: list[MetaRow]) -> list[MetaRow]:
+    """One row per real lesion (``lesion_id``; without lesion ids every image is its own lesion),
+    in file order of its first image: melanoma if any of its images is, age of its first image,
+    the site of its first image. The unit of patient context is the lesion, so simulated patients
+    are built from these."""
+    out: dict = {}
+    for r in rows:
+        key = (r.patient_id, r.lesion_id or r.image_id)
+        first = out.get(key)
+        if first is None:
+            out[key] = MetaRow(r.lesion_id or r.image_id, r.patient_id, r.lesion_id or r.image_id, r.target,
+                               r.age, r.sex, r.site)
+        elif r.target and not first.target:
+            first.target = r.target
+    return list(out.values())
 
 
 def patient_profiles(rows: list[MetaRow]) -> dict[str, list[int]]:

@@ -4,7 +4,7 @@
     {% patient_context patient as ctx %}          chart data for templates/inference/_patient_context.html
     {% context_breakdown analysis %}               readable table of analysis.context_features
     {% for row in analysis.context_features|context_rows %}{{ row.label }}: {{ row.value }}{% endfor %}
-    {{ analysis|context_threshold }}               threshold that applies to analysis.final_score
+    {{ analysis|context_threshold }}               THE threshold (the version's) for the analysis' score
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from django.utils.html import format_html, format_html_join
 
 from training import context_features as cf
 
+from .. import scoring
 from ..context import SOURCE_CONTEXT, score_threshold, usable_context_model
 from ..models import Analysis, ModelVersion
 
@@ -88,13 +89,19 @@ def patient_context(patient) -> dict:
     ctx["threshold"] = score_threshold(version)
     analyses = (
         Analysis.objects.filter(image__lesion__patient=patient, model_version=version, status=Analysis.Status.DONE)
-        .select_related("image")
+        .select_related("image", "model_version")
+        .defer("embedding")
         .order_by("image__acquired_on", "image__uploaded_at", "image_id")
     )
     latest: dict[int, Analysis] = {}
-    for a in analyses:  # ordered by acquisition: the last one per lesion wins
-        latest[a.image.lesion_id] = a
+    highest: dict[int, Analysis] = {}
+    for a in analyses:  # ordered by acquisition: the last one per lesion (its latest visit) wins
+        lid = a.image.lesion_id
+        latest[lid] = a
+        if a.display_score is not None and (lid not in highest or a.display_score > highest[lid].display_score):
+            highest[lid] = a
     ctx["context_used"] = any(a.final_score_source == SOURCE_CONTEXT for a in latest.values())
+    ctx["context_pending"] = any(a.context_pending for a in latest.values())
 
     raw = []
     for lesion in lesions:
@@ -103,7 +110,7 @@ def patient_context(patient) -> dict:
             ctx["rows"].append({"lesion": lesion, "analysis": None})
             continue
         feats = a.context_features or {}
-        score = a.final_score if a.final_score is not None else a.probability
+        score = a.display_score
         dist = feats.get("ud_distance")
         raw.append((lesion, a, feats, float(score), None if dist is None else float(dist)))
 
@@ -119,10 +126,16 @@ def patient_context(patient) -> dict:
             dist is not None and len(dists) >= 3 and dist >= max(dists)
             and dist > 1.5 * max(median, 1e-6)
         )
-        high = thr is not None and score >= thr
+        high = scoring.is_flagged(a, threshold=thr)
+        top = highest.get(lesion.pk)
         point = {
             "lesion": lesion, "analysis": a, "features": feats,
             "score": score, "score_pct": _fmt_pct(score), "probability_pct": _fmt_pct(a.probability),
+            "source": a.score_source, "context_pending": a.context_pending,
+            "explanation": (a.context_explanation or {}).get("text", ""),
+            "highest": top, "highest_pct": _fmt_pct(top.display_score) if top else "–",
+            "highest_is_latest": top is not None and top.pk == a.pk,
+            "highest_flagged": scoring.is_flagged(top, threshold=thr) if top else False,
             "distance": dist, "pending": dist is None,
             "cx": round(LEFT + plot_w * min(d, x_max) / x_max, 1), "cy": round(_y(score), 1),
             "r": 10 if outlier else (8 if high else 6),
@@ -165,19 +178,14 @@ def context_rows(features) -> list[dict]:
     if "logit_prob" in f:
         p = 1 / (1 + math.exp(-f["logit_prob"]))
         add("logit_prob", "Image probability", f"{_fmt_pct(p)} (logit {_num(f['logit_prob'], 2)})")
-    for name in ("prob_rank_patient", "prob_z_patient", "prob_rank_region", "prob_z_region",
-                 "ud_distance", "ud_rank_patient"):
-        if name in f:
-            add(name, cf.FEATURE_LABELS[name], _num(f[name], 2 if "z" in name or "rank" in name else 3))
-    if "log_n_images" in f:
-        add("log_n_images", "Images of this patient", str(round(math.expm1(f["log_n_images"]))))
-    if "log_n_lesions" in f:
-        add("log_n_lesions", "Lesions of this patient", str(round(math.expm1(f["log_n_lesions"]))))
-    if "log_n_region_images" in f:
-        share = f" ({_fmt_pct(f['region_fraction'])} of the patient's images)" if "region_fraction" in f else ""
-        add("log_n_region_images", "Images in the same body region", f"{round(math.expm1(f['log_n_region_images']))}{share}")
+    if "ud_distance" in f:
+        add("ud_distance", cf.FEATURE_LABELS["ud_distance"], _num(f["ud_distance"], 3))
+    if "ud_rank" in f and "n_other_lesions" in f:
+        add("ud_rank", "Unlikeness among the patient's lesions",
+            f"{int(f['ud_rank'])} of {int(f['n_other_lesions']) + 1} (1 = most unlike)")
     if "age" in f:
-        add("age", "Age at acquisition", "unknown" if f.get("age_missing") else f"{f['age']:.0f} years")
+        add("age", "Age when the lesion was first photographed",
+            "unknown" if f.get("age_missing") else f"{f['age']:.0f} years")
     if "sex_male" in f:
         add("sex", "Sex", "male" if f.get("sex_male") else ("female" if f.get("sex_female") else "other/unknown"))
     sites = [s for s in cf.GENERAL_SITES if f.get(cf.SITE_FEATURES[cf.GENERAL_SITES.index(s)])]
@@ -191,11 +199,12 @@ def context_breakdown(analysis):
     """A small HTML table: final score (and its source) + the readable context features."""
     if analysis is None or not getattr(analysis, "context_features", None):
         return format_html('<p class="context-breakdown empty">{}</p>', "Patient context: not computed yet.")
-    source = analysis.final_score_source or "image"
+    source = analysis.score_source or "image"
     head = format_html(
-        "<tr><th scope=\"row\">Final score</th><td>{} ({})</td></tr>",
-        _fmt_pct(analysis.final_score),
-        "patient-context model" if source == SOURCE_CONTEXT else "image probability only, no context model",
+        "<tr><th scope=\"row\">Score</th><td>{} ({})</td></tr>",
+        _fmt_pct(analysis.display_score),
+        "image + patient context" if source == SOURCE_CONTEXT else (
+            "context pending" if analysis.context_pending else "image probability only, no context model"),
     )
     body = format_html_join(
         "", "<tr><th scope=\"row\">{}</th><td>{}</td></tr>",
@@ -208,11 +217,5 @@ def context_breakdown(analysis):
 
 @register.filter
 def context_threshold(analysis):
-    """The operating threshold that applies to this analysis' final_score (the context model's own
-    threshold when the score came from it, else the model version's)."""
-    version = getattr(analysis, "model_version", None)
-    if version is None:
-        return None
-    if getattr(analysis, "final_score_source", "") == SOURCE_CONTEXT:
-        return score_threshold(version)
-    return float(version.threshold)
+    """THE operating threshold of this analysis' score: its model version's (one scale)."""
+    return score_threshold(getattr(analysis, "model_version", None))

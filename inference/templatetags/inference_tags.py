@@ -22,11 +22,6 @@ def _active_version(context):
     return cached
 
 
-def _threshold_for(analysis, version) -> float:
-    """The operating threshold on the scale of the score shown (inference.scoring decides)."""
-    return scoring.threshold_for(analysis, version)
-
-
 @register.simple_tag(takes_context=True)
 def image_result(context, image):
     analysis = None
@@ -46,13 +41,19 @@ def image_result(context, image):
         state = analysis.status
     score = analysis.display_score if analysis is not None else None
     level = threshold = None
+    flagged = False
     if score is not None and version is not None:
-        threshold = _threshold_for(analysis, version)
-        level = scoring.level_for(score, threshold, scoring.is_flagged(analysis, threshold=threshold))
+        threshold = scoring.threshold_for(analysis, version)
+        flagged = scoring.is_flagged(analysis, threshold=threshold)
+        level = scoring.level_for(score, threshold, flagged)
+    pending = bool(analysis is not None and analysis.context_pending)
     return {
         "analysis": analysis, "version": version, "state": state, "score": score, "level": level,
-        "threshold": threshold,
-        "polling": state in ("queued", "running", "not_queued"),
+        "threshold": threshold, "flagged": flagged, "context_pending": pending,
+        "source": analysis.score_source if analysis is not None else None,
+        "metrics": scoring.metrics_for(analysis) if analysis is not None and state == "done" else None,
+        # Keep polling until the FINAL score is in (context pending counts as not final).
+        "polling": state in ("queued", "running", "not_queued") or pending,
     }
 
 
@@ -72,3 +73,27 @@ def score_badge(result, compact=False):
 
     ``result`` is an ``inference.scoring.LesionResult`` (or None: "no result yet")."""
     return {"result": result, "compact": compact}
+
+
+def distinct_digits(value: float, threshold: float | None, max_digits: int = 3) -> int:
+    """Fewest decimals (of a percentage) that keep a score and the threshold apart when printed."""
+    if threshold is None or value == threshold:
+        return 0
+    for d in range(max_digits + 1):
+        if round(100 * value, d) != round(100 * threshold, d):
+            return d
+    return max_digits
+
+
+@register.filter
+def percent_vs(value, threshold):
+    """``{{ score|percent_vs:threshold }}``: a percentage with enough decimals to tell it apart
+    from the threshold (41% vs 40.8%, never "41%" below a "41%" threshold)."""
+    if value is None:
+        return "–"
+    try:
+        v = float(value)
+        t = None if threshold in (None, "") else float(threshold)
+    except (TypeError, ValueError):
+        return "–"
+    return f"{100 * v:.{distinct_digits(v, t)}f}%"

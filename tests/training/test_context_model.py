@@ -48,15 +48,42 @@ def write_oof(tmp_path, oof, one_network=True):
     return str(path), str(tmp_path / "emb.npy")
 
 
-def test_json_round_trip_equals_predict_proba(tmp_path):
+def test_adjustment_json_round_trip_and_constraint():
     rng = np.random.default_rng(0)
-    X = rng.normal(size=(400, len(cf.FEATURE_NAMES))) * rng.uniform(0.1, 30, size=len(cf.FEATURE_NAMES))
-    y = (X[:, 4] / 30 + rng.normal(size=400) > 0.5).astype(int)
-    feats = cf.FEATURE_NAMES[2:12]
-    model = cm.fit_lr(X[:, cm.columns(feats)], y)
-    exported = json.loads(json.dumps(cm.export_lr(model, feats)))
-    np.testing.assert_allclose(cf.apply_context_model(exported, X),
-                               model.predict_proba(X[:, cm.columns(feats)])[:, 1], rtol=1e-10, atol=1e-12)
+    n = 3000
+    X = np.zeros((n, len(cf.FEATURE_NAMES)))
+    X[:, cm.LOGIT] = rng.normal(-1.5, 1.2, size=n)
+    X[:, cm.columns(["ud_distance"])[0]] = rng.uniform(0, 0.6, size=n)
+    X[:, cm.columns(["age"])[0]] = rng.integers(20, 85, size=n)
+    # truth: melanoma LESS likely when unlike the others (the constraint must hold the weight at 0)
+    z = X[:, cm.LOGIT] - 3 * X[:, cm.columns(["ud_distance"])[0]] + 0.03 * (X[:, cm.columns(["age"])[0]] - 50)
+    y = (rng.random(n) < cf.sigmoid(z)).astype(int)
+    m = cm.fit_adjustment(X, y, ["ud_distance", "age"])
+    assert m.coef[0] == 0.0 and m.coef[1] > 0 and m.intercept == 0.0
+    free = cm.fit_adjustment(X, y, ["ud_distance", "age"], nonnegative=())
+    assert free.coef[0] < 0
+    exported = json.loads(json.dumps(m.export()))
+    cf.validate_context_model(exported)
+    np.testing.assert_allclose(cf.apply_context_model(exported, X), m.predict(X), rtol=1e-10)
+
+
+def test_class_weights_restore_the_calibration_mix():
+    """Rows drawn at 2% prevalence from an image model calibrated at 20%: with the class weights,
+    a free intercept finds (almost) no shift; without them it shifts by the prior odds ratio."""
+    rng = np.random.default_rng(1)
+    n = 40000
+    y = (rng.random(n) < 0.02).astype(int)
+    # calibrated-at-20% scores: logit = log prior odds (20%) + log likelihood ratio
+    llr = np.where(y == 1, rng.normal(1.0, 1.0, n), rng.normal(-1.0, 1.0, n))
+    llr = llr - 0.0  # likelihood ratio of N(1,1) vs N(-1,1) is exp(2x)
+    X = np.zeros((n, len(cf.FEATURE_NAMES)))
+    X[:, cm.LOGIT] = np.log(0.2 / 0.8) + 2 * llr
+    w = cm.class_weights(y, 0.2)
+    assert np.average(y, weights=w) == pytest.approx(0.2)
+    shift = cm.fit_adjustment(X, y, [], weights=w, fit_intercept=True).intercept
+    assert abs(shift) < 0.15
+    unweighted = cm.fit_adjustment(X, y, [], fit_intercept=True).intercept
+    assert unweighted < -2
 
 
 def test_simulation_preserves_profiles(tmp_path):
@@ -99,26 +126,61 @@ def test_training_on_small_synthetic_data(tmp_path):
     meta = write_isic_like(tmp_path / "meta.csv", n_patients=150)
     oof_csv, emb = write_oof(tmp_path, cm.synthetic_oof(1000, dim=16, seed=2))
     out = tmp_path / "out"
-    assert cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta),
+    assert cm.main(["--pool", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--threshold", "0.3",
                     "--out", str(out), "--seeds", "0,1", "--folds", "3"]) == 0
     model = json.loads((out / "context_model.json").read_text())
     report = json.loads((out / "context_report.json").read_text())
     cf.validate_context_model(model)
-    assert model["feature_names"] == cf.FEATURE_NAMES
+    assert model["feature_names"] == cf.MODEL_FEATURES and model["intercept"] == 0.0
+    assert model["coefficients"][0] >= 0  # ud_distance
     assert model["training_data"]["kind"] == "simulated patients"
-    assert 0 < model["threshold"] < 1
+    assert "threshold" not in model and report["threshold"]["value"] == 0.3
     sim = report["simulated_patients"]
-    assert "SIMULATED" in sim["what"] and sim["seeds"] == [0, 1] and len(sim["per_seed"]) == 2
-    for k in ("image_only", "image_plus_context", "image_plus_context_plus_metadata"):
-        s = sim["summary"][k]["pooled_auc_over_seeds"]
-        assert 0.5 < s["mean"] <= 1
-    # the synthetic data has an ugly-duckling signal: context must help
-    assert sim["summary"]["image_plus_context"]["pooled_gain_over_image_only"]["mean"] > 0
+    assert "SIMULATED" in sim["what"] and sim["seeds"] == [0, 1]
+    summary = sim["summary_by_resemblance"]["resemblance 0"]
+    for k in ("image_only", *cm.FEATURE_SETS, *cm.REJECTED_SETS):
+        assert 0.5 < summary[k]["roc_auc"]["mean"] <= 1
+        assert 0 <= summary[k]["share_flagged"]["mean"] <= 1
+    # the synthetic data has an ugly-duckling signal: the lesion-level feature must help
+    assert summary["image_plus_ugly_duckling"]["roc_auc_gain_over_image_only"]["mean"] > 0
+    m = model["metrics"]
+    for key in ("share_flagged_image_only", "share_flagged_context", "sensitivity_context", "specificity_context"):
+        assert 0 <= m[key] <= 1
     a = report["metadata_real_isic2020"]
-    assert len(a["fold_auc"]) == 3 and 0 <= a["roc_auc_pooled_oof"] <= 1
+    assert 0 <= a["metadata"]["roc_auc_pooled_oof"] <= 1
+    assert set(report["rejected_candidates"]) == {"log_n_lesions", "prob_rank_lesions"}
     # the worker's numpy application reproduces the model on fresh features
     X = cf.patient_features([0.2, 0.7], ["A", "B"], embeddings=np.eye(2, 16))
     assert np.all((cf.apply_context_model(model, X) > 0) & (cf.apply_context_model(model, X) < 1))
+
+
+def test_an_ensemble_holdout_pool_is_read_with_its_calibrated_probability(tmp_path):
+    """`python -m training ensemble` writes holdout_predictions.csv (+ float16 1280-d embeddings, card
+    beside them): prob_crossfit is the score, card.json's threshold is THE threshold."""
+    oof = cm.synthetic_oof(900, dim=1280, seed=4)
+    d = tmp_path / "ens"
+    d.mkdir()
+    with open(d / "holdout_predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["embedding_row", "image_id", "source", "group", "lesion_id", "target", "logit_a", "logit_b",
+                    "prob_crossfit", "age_approx", "sex", "anatom_site"])
+        for i in reversed(range(len(oof))):  # rows in another order than the embeddings
+            w.writerow([i, oof.image_id[i], "ham10000", f"l:{oof.lesion_id[i]}", oof.lesion_id[i], oof.target[i],
+                        "9.0", "-9.0", f"{oof.prob[i]:.6f}", "", "", ""])
+    np.save(d / "holdout_embeddings.npy", oof.embeddings.astype(np.float16))
+    (d / "card.json").write_text(json.dumps({"threshold": 0.27}))
+    read = cm.read_oof(str(d / "holdout_predictions.csv"), str(d / "holdout_embeddings.npy"))
+    assert read.embeddings.shape == (900, 1280) and not read.has_patients
+    np.testing.assert_allclose(read.prob[::-1], oof.prob, atol=1e-6)
+    np.testing.assert_allclose(read.embeddings[::-1], oof.embeddings.astype(np.float16), atol=1e-3)
+    meta = write_isic_like(tmp_path / "meta.csv", n_patients=60)
+    out = tmp_path / "out"
+    assert cm.main(["--pool", str(d / "holdout_predictions.csv"), "--embeddings", str(d / "holdout_embeddings.npy"),
+                    "--isic-metadata", str(meta), "--skip-metadata", "--out", str(out), "--seeds", "0",
+                    "--folds", "3"]) == 0
+    report = json.loads((out / "context_report.json").read_text())
+    assert report["threshold"] == {**report["threshold"], "value": 0.27, "from": "card.json"}
+    assert report["simulated_patients"]["pool"]["embedding_dim"] == 1280
 
 
 def test_simulation_refuses_a_pool_embedded_by_several_networks(tmp_path):
@@ -126,7 +188,7 @@ def test_simulation_refuses_a_pool_embedded_by_several_networks(tmp_path):
     oof_csv, emb = write_oof(tmp_path, cm.synthetic_oof(300, dim=8, seed=2), one_network=False)
     with pytest.raises(SystemExit, match="5 networks.*training embed"):
         cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
-                 "--out", str(tmp_path / "out")])
+                 "--threshold", "0.3", "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out" / "context_model.json").exists()
 
 
@@ -161,7 +223,7 @@ def test_resemblance_makes_a_patients_benign_lesions_alike_and_keeps_profiles(tm
         simulate_patients(rows, oof.target, oof.lesion_id, resemblance=1.5, descriptors=desc)
 
 
-def test_context_command_compares_resemblance_levels_and_checks_the_odd_one_out(tmp_path):
+def test_context_command_compares_resemblance_levels(tmp_path):
     meta = write_isic_like(tmp_path / "meta.csv", n_patients=120)
     oof = cm.synthetic_oof(1000, dim=16, seed=2)
     oof_csv, emb = write_oof(tmp_path, oof)
@@ -171,23 +233,25 @@ def test_context_command_compares_resemblance_levels_and_checks_the_odd_one_out(
     out = tmp_path / "out"
     assert cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
                     "--descriptors", str(desc_path), "--resemblance", "0.75,0", "--out", str(out),
-                    "--seeds", "0", "--folds", "3"]) == 0
+                    "--seeds", "0", "--folds", "3", "--threshold", "0.3"]) == 0
     model = json.loads((out / "context_model.json").read_text())
     report = json.loads((out / "context_report.json").read_text())
     assert model["training_data"]["resemblance"] == 0.75
     assert "resemblance 0.75" in model["training_data"]["description"]
     sim = report["simulated_patients"]
-    assert sim["resemblance"] == 0.75 and set(sim["resemblance_comparison_pooled_auc"]) == {"0.75", "0.0"}
-    check = report["odd_one_out_check"]
-    assert 0 <= check["final_score_higher_as_odd_one_out"] <= 1
-    # synthetic melanoma embeddings are shifted away from the benign cluster: the odd one out is seen
-    assert check["ud_distance_higher_as_odd_one_out"] > 0.5
+    assert sim["exported_resemblance"] == 0.75
+    assert set(sim["summary_by_resemblance"]) == {"resemblance 0.75", "resemblance 0"}
+    assert set(model["metrics"]["by_assumption"]) == {"resemblance 0.75", "resemblance 0"}
     with pytest.raises(SystemExit, match="descriptors"):
         cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
-                 "--resemblance", "0.5", "--out", str(tmp_path / "o2")])
+                 "--resemblance", "0.5", "--threshold", "0.3", "--out", str(tmp_path / "o2")])
     with pytest.raises(SystemExit, match="resemblance"):
         cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
-                 "--descriptors", str(desc_path), "--resemblance", "2", "--out", str(tmp_path / "o3")])
+                 "--descriptors", str(desc_path), "--resemblance", "2", "--threshold", "0.3",
+                 "--out", str(tmp_path / "o3")])
+    with pytest.raises(SystemExit, match="threshold"):
+        cm.main(["--oof", oof_csv, "--embeddings", emb, "--isic-metadata", str(meta), "--skip-metadata",
+                 "--out", str(tmp_path / "o4")])
 
 
 def test_real_patient_ids_are_used(tmp_path):
@@ -203,7 +267,7 @@ def test_real_patient_ids_are_used(tmp_path):
     np.save(tmp_path / "emb.npy", oof.embeddings)
     out = tmp_path / "out"
     cm.main(["--oof", str(path), "--embeddings", str(tmp_path / "emb.npy"), "--skip-metadata",
-             "--isic-metadata", "", "--out", str(out), "--folds", "3"])
+             "--isic-metadata", "", "--out", str(out), "--folds", "3", "--threshold", "0.3"])
     report = json.loads((out / "context_report.json").read_text())
     assert "real_patients" in report and "simulated_patients" not in report
     assert json.loads((out / "context_model.json").read_text())["training_data"]["kind"] == "real patients"
