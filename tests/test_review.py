@@ -63,12 +63,12 @@ def test_is_flagged_compares_the_score_shown_with_its_threshold(patient, v):
     assert not scoring.is_flagged(a)
 
 
-def test_context_scores_use_the_context_models_threshold(patient, monkeypatch):
+def test_context_scores_share_the_versions_one_threshold(patient):
     v = version()
-    monkeypatch.setattr("inference.context.score_threshold", lambda version: 0.2)
     a = Analysis(image=make_image(LesionFactory(patient=patient)), model_version=v, status="done",
                  probability=0.1, final_score=0.25, final_score_source="context")
-    assert scoring.threshold_for(a) == 0.2 and scoring.is_flagged(a)
+    # one scale, one threshold (issue 10): a context score is compared with the version's threshold
+    assert scoring.threshold_for(a) == v.threshold and scoring.is_flagged(a) == (0.25 >= v.threshold)
 
 
 def test_a_lesions_current_result_is_its_latest_image(patient, v):
