@@ -153,14 +153,17 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # The API contract (melanoma_site/api/): one error format, strict query parameters, page_size
+    # up to a maximum, ordering that refuses unknown fields, every status code in the schema.
+    "DEFAULT_PAGINATION_CLASS": "melanoma_site.api.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
-        "rest_framework.filters.SearchFilter",
-        "rest_framework.filters.OrderingFilter",
+        "melanoma_site.api.StrictFilterBackend",
+        "melanoma_site.api.SearchFilter",
+        "melanoma_site.api.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "melanoma_site.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "melanoma_site.api.schema.ContractAutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 SPECTACULAR_SETTINGS = {
@@ -175,6 +178,10 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # The schema and the interactive docs are for logged-in users and API clients only.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "melanoma_site.api.schema.postprocess_schema",
+    ],
 }
 
 # Audit trail (django-auditlog): create/update/delete of registered models, plus access events.

@@ -1,6 +1,7 @@
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from ..context import is_flagged
 from ..models import Analysis, ModelVersion
 
 
@@ -48,13 +49,16 @@ class AnalysisSerializer(serializers.ModelSerializer):
     heatmap_url = serializers.SerializerMethodField(
         help_text="Grad-CAM heatmap (transparent PNG at the image's proportions), once the worker has made "
                   "it; null before. Served with the same access check as the image.")
+    flagged = serializers.SerializerMethodField(
+        help_text="The score (final, else image probability) is at or above its operating threshold (the "
+                  "context model's for a context score, else the model version's); null without a score.")
 
     class Meta:
         model = Analysis
         fields = [
             "id", "image", "lesion", "patient", "status", "probability", "member_probabilities",
             "final_score", "final_score_source",
-            "context_features", "model_version", "error", "attempts", "timings", "embedding_dim",
+            "flagged", "context_features", "model_version", "error", "attempts", "timings", "embedding_dim",
             "heatmap_url", "heatmap_info", "queued_at", "started_at", "finished_at",
         ]
         read_only_fields = fields
@@ -66,3 +70,9 @@ class AnalysisSerializer(serializers.ModelSerializer):
         request = self.context.get("request")
         path = f"/api/v1/analyses/{obj.pk}/heatmap/"
         return request.build_absolute_uri(path) if request is not None else path
+
+    @extend_schema_field(serializers.BooleanField(allow_null=True))
+    def get_flagged(self, obj) -> bool | None:
+        if hasattr(obj, "is_flagged"):  # annotated by the API's querysets (inference.context.flag_annotations)
+            return obj.is_flagged
+        return is_flagged(obj)

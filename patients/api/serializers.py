@@ -89,19 +89,6 @@ class LesionSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
 
-    def get_fields(self):
-        fields = super().get_fields()
-        if self.instance is not None and not isinstance(self.instance, (list, tuple)) and hasattr(self.instance, "pk"):
-            fields["patient"].read_only = True  # a lesion never moves to another patient
-        return fields
-
-    def validate(self, attrs):
-        instance = self.instance if isinstance(self.instance, Lesion) else None
-        raw = getattr(self, "initial_data", {}).get("patient") if instance is not None else None
-        if raw not in (None, "") and str(raw) != str(instance.patient_id):
-            raise serializers.ValidationError({"patient": ["A lesion cannot be moved to another patient."]})
-        return attrs
-
     @extend_schema_field(serializers.IntegerField())
     def get_image_count(self, obj) -> int:
         count = getattr(obj, "image_count", None)
@@ -110,6 +97,20 @@ class LesionSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.URLField())
     def get_images_url(self, obj) -> str:
         return _absolute(self, reverse("api:lesion-images", args=[obj.pk]))
+
+
+class LesionUpdateSerializer(LesionSerializer):
+    """PUT / PATCH of a lesion: ``patient`` may be given (a client sending back what it read) but a
+    lesion never moves to another patient."""
+
+    patient = VisiblePatientField(required=False, help_text="The lesion's own patient id (it cannot change).")
+
+    def validate(self, attrs):
+        patient = attrs.pop("patient", None)
+        if patient is not None and self.instance is not None and patient.pk != self.instance.patient_id:
+            raise serializers.ValidationError(
+                {"patient": [serializers.ErrorDetail("A lesion cannot be moved to another patient.", code="rejected")]})
+        return attrs
 
 
 class NestedLesionSerializer(LesionSerializer):
@@ -189,8 +190,9 @@ class ImageUploadSerializer(serializers.Serializer):
         if attrs.get("file") is not None:
             files.append(attrs.pop("file"))
         attrs.pop("file", None)
-        if not files:
-            raise serializers.ValidationError({"files": ["Choose at least one image file."]})
+        if not files:  # not expressible in the schema (either field may carry them): 422
+            raise serializers.ValidationError(
+                {"files": [serializers.ErrorDetail("Choose at least one image file.", code="rejected")]})
         attrs["files"] = files
         return attrs
 
