@@ -134,7 +134,9 @@ UPLOAD_MAX_PIXELS = env.int("UPLOAD_MAX_PIXELS", default=50_000_000)
 UPLOAD_MAX_FILES = env.int("UPLOAD_MAX_FILES", default=20)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
-DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
+# Django's parser cap: UPLOAD_MAX_FILES in `files` plus the API's single `file` field; more than
+# UPLOAD_MAX_FILES in all is the upload service's clear error.
+DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES + 1
 THUMBNAIL_SIZE = 256
 # Prefetch factories (dotted paths) applied to image lists on the records pages, so that what the
 # analysis app shows beside each image costs no query per image. Keeps patients -> inference

@@ -20,6 +20,7 @@ Everything here is used by both apps' API modules (patients.api, inference.api),
 """
 from __future__ import annotations
 
+import math
 import re
 
 import django_filters
@@ -150,6 +151,45 @@ class QueryParameterError(exceptions.ValidationError):
     query_parameters = True
 
 
+# --- JSON bodies ----------------------------------------------------------------------------
+
+def _json_type(field):
+    """The JSON type the schema documents for a writable serializer field (None: not checked here)."""
+    if isinstance(field, serializers.BooleanField):
+        return "boolean", (bool,)
+    if isinstance(field, (serializers.IntegerField, serializers.RelatedField)):
+        return "integer", (int,)
+    if isinstance(field, (serializers.FloatField, serializers.DecimalField)):
+        return "number", (int, float)
+    if isinstance(field, (serializers.CharField, serializers.ChoiceField, serializers.DateField,
+                          serializers.DateTimeField)):
+        return "string", (str,)
+    return None
+
+
+class StrictJSONMixin:
+    """A JSON body's values must have the documented JSON types: DRF would otherwise take 5 for a
+    name or "0.5" for a number (it was built to read HTML forms too). A text that is only
+    whitespace is refused by a rule (422): the schema's minLength counts it as text."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, dict):
+            errors = {}
+            for name, field in self.fields.items():
+                if field.read_only or name not in data or data[name] is None:
+                    continue
+                value, expected = data[name], _json_type(field)
+                if expected and (not isinstance(value, expected[1]) or (
+                        isinstance(value, bool) and expected[0] != "boolean")):
+                    errors[name] = [serializers.ErrorDetail(f"Must be a JSON {expected[0]}.", code="invalid")]
+                elif (isinstance(field, serializers.CharField) and not field.allow_blank and isinstance(value, str)
+                        and value and not value.strip()):
+                    errors[name] = [serializers.ErrorDetail("This field may not be blank.", code="rejected")]
+            if errors:
+                raise serializers.ValidationError(errors)
+        return super().to_internal_value(data)
+
+
 # --- query parameters -------------------------------------------------------------------------
 
 def _widget_names(name: str, field) -> list[str]:
@@ -204,7 +244,9 @@ class ContractMixin:
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)
-        check_query_params(self, request)
+        method = request.method.lower()
+        if method in self.http_method_names and hasattr(self, method):  # else 405 answers
+            check_query_params(self, request)
 
 
 class StrictFilterBackend(DjangoFilterBackend):
@@ -302,9 +344,13 @@ class Pagination(PageNumberPagination):
         raw = request.query_params.get(name, "")
         if raw == "":
             return None
-        if not re.fullmatch(r"[0-9]{1,18}", raw) or int(raw) < 1 or (maximum is not None and int(raw) > maximum):
+        too_long = len(raw) > 18  # far past any last page or maximum
+        if not re.fullmatch(r"[0-9]+", raw) or (not too_long and int(raw) < 1) or (
+                maximum is not None and (too_long or int(raw) > maximum)):
             bound = f" from 1 to {maximum}" if maximum is not None else " of at least 1"
             raise QueryParameterError({name: [f"A whole number{bound}."]})
+        if too_long:
+            raise exceptions.NotFound(self.invalid_page_message)
         return int(raw)
 
     def get_page_size(self, request):
@@ -348,6 +394,21 @@ class BooleanFilter(django_filters.Filter):
     field_class = StrictBooleanField
 
 
+class FiniteFloatField(forms.Field):
+    def to_python(self, value):
+        if value in (None, ""):
+            return None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise forms.ValidationError("Enter a number.", code="invalid") from None
+        if not math.isfinite(number):
+            raise forms.ValidationError("Enter a finite number.", code="invalid")
+        return number
+
+
 @extend_schema_field(OpenApiTypes.DOUBLE)
-class NumberFilter(django_filters.NumberFilter):
-    field_class = forms.FloatField
+class NumberFilter(django_filters.Filter):
+    """A number compared with a float column (any finite value; no hidden bound)."""
+
+    field_class = FiniteFloatField

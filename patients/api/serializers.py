@@ -1,7 +1,10 @@
 """API representations. Writes are validated here for shape only; the services decide and store."""
+from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+
+from melanoma_site.api import StrictJSONMixin
 
 from ..models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from ..selectors import visible_lesions, visible_patients
@@ -45,7 +48,7 @@ class CareTeamSummarySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class PatientSerializer(serializers.ModelSerializer):
+class PatientSerializer(StrictJSONMixin, serializers.ModelSerializer):
     care_team = VisibleCareTeamField(
         required=False, allow_null=True,
         help_text="Care team id. Defaults to the user's only care team; clinicians may only choose a "
@@ -70,7 +73,7 @@ class PatientSerializer(serializers.ModelSerializer):
         return _absolute(self, reverse("api:patient-lesions", args=[obj.pk]))
 
 
-class LesionSerializer(serializers.ModelSerializer):
+class LesionSerializer(StrictJSONMixin, serializers.ModelSerializer):
     patient = VisiblePatientField(help_text="Patient id (a patient you can see).")
     anatomic_site = serializers.ChoiceField(choices=ANATOMIC_SITE_CHOICES, required=False, allow_blank=True)
     diagnosis = serializers.ChoiceField(choices=DIAGNOSIS_CHOICES, required=False, allow_blank=True)
@@ -178,7 +181,9 @@ class ImageUploadSerializer(serializers.Serializer):
     lesion = VisibleLesionField(help_text="Lesion id (a lesion you can see).")
     files = serializers.ListField(
         child=serializers.FileField(allow_empty_file=True, use_url=False), required=False,
-        help_text="One or several image files (JPEG, PNG, TIFF or BMP).",
+        max_length=settings.UPLOAD_MAX_FILES,
+        help_text=f"One or several image files (JPEG, PNG, TIFF or BMP), at most {settings.UPLOAD_MAX_FILES} "
+                  "with `file`.",
     )
     file = serializers.FileField(allow_empty_file=True, use_url=False, required=False,
                                  help_text="A single image file (alternative to `files`).")
