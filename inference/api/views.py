@@ -1,4 +1,5 @@
 import django_filters
+from django.db.models.functions import Length
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
@@ -15,11 +16,13 @@ from .serializers import AnalysisSerializer, ModelVersionSerializer
 
 
 def visible_analyses(user):
-    """Analyses of the patients the user may see (THE visibility rule: Patient.objects.visible_to)."""
+    """Analyses of the patients the user may see (THE visibility rule: Patient.objects.visible_to).
+    The embedding stays deferred; its size is annotated for ``embedding_dim`` (no query per row)."""
     return (
         Analysis.objects.filter(image__lesion__patient__in=Patient.objects.visible_to(user))
         .select_related("model_version", "image__lesion")
         .defer("embedding")
+        .annotate(embedding_size=Length("embedding"))
         .annotate(**flag_annotations())
     )
 

@@ -263,7 +263,21 @@ class StrictFilterBackend(DjangoFilterBackend):
         try:
             return super().filter_queryset(request, queryset, view)
         except exceptions.ValidationError as exc:
-            raise QueryParameterError(exc.detail) from None
+            raise QueryParameterError(self._by_parameter(view, request, exc.detail)) from None
+
+    @staticmethod
+    def _by_parameter(view, request, detail):
+        """Errors of a range filter (``acquired_on``) named by the parameters given (``acquired_on_after``)."""
+        if not isinstance(detail, dict):
+            return detail
+        out = {}
+        for name, messages in detail.items():
+            f = view.filterset_class.base_filters.get(name)
+            names = _widget_names(name, f.field) if f is not None else [name]
+            given = [n for n in names if n in request.query_params] or names
+            for n in given:
+                out[n] = messages
+        return out
 
 
 class SearchFilter(filters.SearchFilter):
