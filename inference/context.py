@@ -63,6 +63,39 @@ def score_threshold(version: ModelVersion | None) -> float | None:
     return None if version is None else float(version.threshold)
 
 
+def analysis_threshold(analysis: Analysis) -> float | None:
+    """The operating threshold that applies to ``analysis.display_score``: the model version's (one
+    threshold for image-only and context-adjusted scores alike)."""
+    version = getattr(analysis, "model_version", None)
+    if version is None:
+        return None
+    if analysis.final_score is not None and analysis.final_score_source == SOURCE_CONTEXT:
+        return score_threshold(version)
+    return float(version.threshold)
+
+
+def is_flagged(analysis: Analysis) -> bool | None:
+    """Score at or above its operating threshold; None while the analysis has no score."""
+    score, threshold = analysis.display_score, analysis_threshold(analysis)
+    return None if score is None or threshold is None else score >= threshold
+
+
+def flag_annotations() -> dict:
+    """The same rule as :func:`score_threshold`, as SQL, for filtering and listing many analyses at
+    once: ``flag_score`` (the final score, else the image probability), ``flag_threshold`` (the
+    context model's threshold for a context score, else the version's) and ``is_flagged`` (score at
+    or above it; NULL while there is no score). tests/test_api_contract.py checks both agree."""
+    from django.db.models import Case, F, FloatField, When
+    from django.db.models.fields.json import KeyTextTransform
+    from django.db.models.functions import Cast, Coalesce
+    from django.db.models.lookups import GreaterThanOrEqual
+
+    score = Coalesce(F("final_score"), F("probability"))
+    # one scale, one threshold: every score of a version is compared with the version's threshold
+    threshold = Cast(F("model_version__threshold"), FloatField())
+    return {"flag_score": score, "flag_threshold": threshold, "is_flagged": GreaterThanOrEqual(score, threshold)}
+
+
 def _embedding_matrix(analyses: list[Analysis]) -> np.ndarray | None:
     vectors = [a.get_embedding() for a in analyses]
     dims = [v.size for v in vectors if v is not None and v.size]

@@ -170,6 +170,9 @@ class Analysis(models.Model):
 
     @property
     def embedding_dim(self) -> int | None:
+        # Lists annotate ``embedding_size`` (bytes) and defer the embedding: no query per row.
+        if "embedding_size" in self.__dict__:
+            return None if self.embedding_size is None else self.embedding_size // 4
         return None if self.embedding is None else len(self.embedding) // 4
 
     @property

@@ -134,7 +134,9 @@ UPLOAD_MAX_PIXELS = env.int("UPLOAD_MAX_PIXELS", default=50_000_000)
 UPLOAD_MAX_FILES = env.int("UPLOAD_MAX_FILES", default=20)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2_621_440
-DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
+# Django's parser cap: UPLOAD_MAX_FILES in `files` plus the API's single `file` field; more than
+# UPLOAD_MAX_FILES in all is the upload service's clear error.
+DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES + 1
 THUMBNAIL_SIZE = 256
 # Prefetch factories (dotted paths) applied to image lists on the records pages, so that what the
 # analysis app shows beside each image costs no query per image. Keeps patients -> inference
@@ -153,14 +155,17 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    # The API contract (melanoma_site/api/): one error format, strict query parameters, page_size
+    # up to a maximum, ordering that refuses unknown fields, every status code in the schema.
+    "DEFAULT_PAGINATION_CLASS": "melanoma_site.api.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
-        "rest_framework.filters.SearchFilter",
-        "rest_framework.filters.OrderingFilter",
+        "melanoma_site.api.StrictFilterBackend",
+        "melanoma_site.api.SearchFilter",
+        "melanoma_site.api.OrderingFilter",
     ],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "melanoma_site.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "melanoma_site.api.schema.ContractAutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
 }
 SPECTACULAR_SETTINGS = {
@@ -175,6 +180,10 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # The schema and the interactive docs are for logged-in users and API clients only.
     "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAuthenticated"],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "melanoma_site.api.schema.postprocess_schema",
+    ],
 }
 
 # Audit trail (django-auditlog): create/update/delete of registered models, plus access events.

@@ -6,10 +6,16 @@ from django.urls import include, path
 from django.views.generic import RedirectView
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from .api.root import APIRootView
+
+# Under /api/ a URL that matches no route, or a server error, answers in the API's error format.
+handler404 = "melanoma_site.api.not_found"
+handler500 = "melanoma_site.api.server_error"
+
+
 def favicon(request):
     """Browsers ask for /favicon.ico whatever the page says: send them to the static file."""
     return HttpResponseRedirect(static("favicon.ico"))
-
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="patients:worklist", permanent=False)),
@@ -18,6 +24,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("patients/", include("patients.urls")),
     path("analyses/", include("inference.urls")),
+    path("api/v1/", APIRootView.as_view(), name="api-root"),
     path("api/v1/", include("patients.api.urls")),
     path("api/v1/", include("inference.api.urls")),
     path("api/v1/schema/", SpectacularAPIView.as_view(), name="api-schema"),

@@ -72,13 +72,13 @@ def upload_payload(w, seed=7, with_lesion=True):
 
 # (name, method, url(w), payload(w) or None, format, expected status per role)
 # Expected: on-team clinician and token (same clinician) succeed; another team's clinician gets 404
-# for anything addressed by id (400 where the id is only inside the payload); anonymous gets 401.
+# for anything addressed by id (422 where the id is only inside the payload); anonymous gets 401.
 ENDPOINTS = [
     ("patient list", "get", lambda w: f"{API}/patients/", None, None,
      dict(on_team=200, off_team=200, staff=200, anonymous=401, token=200)),
     ("patient create", "post", lambda w: f"{API}/patients/",
      lambda w: {"mrn": "NEW-1", "name": "New Person", "birth_date": "1990-01-01", "care_team": w.team.pk}, "json",
-     dict(on_team=201, off_team=400, staff=201, anonymous=401, token=201)),
+     dict(on_team=201, off_team=422, staff=201, anonymous=401, token=201)),
     ("patient detail", "get", lambda w: f"{API}/patients/{w.patient.pk}/", None, None,
      dict(on_team=200, off_team=404, staff=200, anonymous=401, token=200)),
     ("patient update", "patch", lambda w: f"{API}/patients/{w.patient.pk}/", lambda w: {"name": "Changed"}, "json",
@@ -96,7 +96,7 @@ ENDPOINTS = [
     ("lesion list", "get", lambda w: f"{API}/lesions/", None, None,
      dict(on_team=200, off_team=200, staff=200, anonymous=401, token=200)),
     ("lesion create", "post", lambda w: f"{API}/lesions/", lambda w: {"patient": w.patient.pk, "label": "L-x"}, "json",
-     dict(on_team=201, off_team=400, staff=201, anonymous=401, token=201)),
+     dict(on_team=201, off_team=422, staff=201, anonymous=401, token=201)),
     ("lesion detail", "get", lambda w: f"{API}/lesions/{w.lesion.pk}/", None, None,
      dict(on_team=200, off_team=404, staff=200, anonymous=401, token=200)),
     ("lesion update", "patch", lambda w: f"{API}/lesions/{w.lesion.pk}/", lambda w: {"notes": "Itchy"}, "json",
@@ -111,7 +111,7 @@ ENDPOINTS = [
     ("image list", "get", lambda w: f"{API}/images/", None, None,
      dict(on_team=200, off_team=200, staff=200, anonymous=401, token=200)),
     ("image upload", "post", lambda w: f"{API}/images/", lambda w: upload_payload(w), "multipart",
-     dict(on_team=201, off_team=400, staff=201, anonymous=401, token=201)),
+     dict(on_team=201, off_team=422, staff=201, anonymous=401, token=201)),
     ("image detail", "get", lambda w: f"{API}/images/{w.image.pk}/", None, None,
      dict(on_team=200, off_team=404, staff=200, anonymous=401, token=200)),
     ("image file", "get", lambda w: f"{API}/images/{w.image.pk}/file/", None, None,
@@ -222,7 +222,7 @@ def test_create_patient_defaults_to_the_only_team_and_reports_duplicates(world):
     assert response.data["lesions_url"].endswith(f"/api/v1/patients/{response.data['id']}/lesions/")
     again = client.post(f"{API}/patients/", {"mrn": "N-1", "name": "Other", "birth_date": "1990-02-03"},
                         format="json")
-    assert again.status_code == 400 and again.data["mrn"] == [services.DUPLICATE_MRN]
+    assert again.status_code == 422 and again.data["errors"]["mrn"] == [services.DUPLICATE_MRN]
 
 
 def test_create_patient_with_foreign_or_unknown_team_is_a_field_error(world):
@@ -230,7 +230,7 @@ def test_create_patient_with_foreign_or_unknown_team_is_a_field_error(world):
     for team in (world.other_team.pk, 999999):
         response = client.post(f"{API}/patients/", {"mrn": "N-2", "name": "N", "birth_date": "1990-02-03",
                                                     "care_team": team}, format="json")
-        assert response.status_code == 400 and "care_team" in response.data
+        assert response.status_code == 422 and "care_team" in response.data["errors"]
     assert not Patient.objects.filter(mrn="N-2").exists()
 
 
@@ -239,13 +239,13 @@ def test_patient_bad_input_is_a_clear_field_error(world):
     response = client.post(f"{API}/patients/", {"mrn": "", "name": "N", "birth_date": "yesterday", "sex": "x"},
                            format="json")
     assert response.status_code == 400
-    assert {"mrn", "birth_date", "sex"} <= set(response.data)
+    assert {"mrn", "birth_date", "sex"} <= set(response.data["errors"])
 
 
 def test_moving_a_patient_to_a_foreign_team_is_refused(world):
     client = client_for("on_team", world)
     response = client.patch(f"{API}/patients/{world.patient.pk}/", {"care_team": world.other_team.pk}, format="json")
-    assert response.status_code == 400
+    assert response.status_code == 422 and "care_team" in response.data["errors"]
     world.patient.refresh_from_db()
     assert world.patient.care_team == world.team
 
@@ -273,7 +273,7 @@ def test_lesion_cannot_be_moved_to_another_patient(world):
     other_patient = PatientFactory(care_team=world.team)
     client = client_for("on_team", world)
     response = client.patch(f"{API}/lesions/{world.lesion.pk}/", {"patient": other_patient.pk}, format="json")
-    assert response.status_code == 400 and "cannot be moved" in response.data["patient"][0]
+    assert response.status_code == 422 and "cannot be moved" in response.data["errors"]["patient"][0]
     assert client.patch(f"{API}/lesions/{world.lesion.pk}/", {"patient": world.patient.pk, "notes": "n"},
                         format="json").status_code == 200
     world.lesion.refresh_from_db()
@@ -284,10 +284,10 @@ def test_lesion_bad_body_map_and_site_are_field_errors(world):
     client = client_for("on_team", world)
     response = client.post(f"{API}/patients/{world.patient.pk}/lesions/",
                            {"label": "L", "body_map_x": 2, "anatomic_site": "Moon"}, format="json")
-    assert response.status_code == 400 and {"body_map_x", "anatomic_site"} <= set(response.data)
+    assert response.status_code == 400 and {"body_map_x", "anatomic_site"} <= set(response.data["errors"])
     response = client.post(f"{API}/patients/{world.patient.pk}/lesions/", {"label": "L", "body_map_x": 0.5},
                            format="json")
-    assert response.status_code == 400 and "body_map_y" in response.data
+    assert response.status_code == 422 and "body_map_y" in response.data["errors"]
     assert Lesion.objects.count() == 1
 
 
@@ -342,25 +342,25 @@ def test_refused_files_are_field_errors_and_nothing_is_stored(world):
              uploaded(b"", "empty.jpg")]
     response = client.post(f"{API}/images/", {"lesion": world.lesion.pk, "files": files,
                                               "image_type": "dermoscopic", "acquired_on": DAY}, format="multipart")
-    assert response.status_code == 400
-    assert set(response.data) == {"files"}
-    assert any(m.startswith("page.jpg: not an image") for m in response.data["files"])
-    assert "empty.jpg: file is empty" in response.data["files"]
+    assert response.status_code == 422
+    assert set(response.data["errors"]) == {"files"}
+    assert any(m.startswith("page.jpg: not an image") for m in response.data["errors"]["files"])
+    assert "empty.jpg: file is empty" in response.data["errors"]["files"]
     assert LesionImage.objects.count() == 1
 
 
-@pytest.mark.parametrize("payload, field", [
-    ({"image_type": "dermoscopic", "acquired_on": DAY}, "files"),
-    ({"image_type": "xray", "acquired_on": DAY, "files": "x"}, "image_type"),
-    ({"image_type": "dermoscopic", "acquired_on": "soon", "files": "x"}, "acquired_on"),
-    ({"image_type": "dermoscopic", "acquired_on": "2999-01-01", "files": "x"}, "acquired_on"),
+@pytest.mark.parametrize("payload, field, status", [
+    ({"image_type": "dermoscopic", "acquired_on": DAY}, "files", 422),  # either field may carry them
+    ({"image_type": "xray", "acquired_on": DAY, "files": "x"}, "image_type", 400),  # outside the enum
+    ({"image_type": "dermoscopic", "acquired_on": "soon", "files": "x"}, "acquired_on", 400),  # not a date
+    ({"image_type": "dermoscopic", "acquired_on": "2999-01-01", "files": "x"}, "acquired_on", 422),  # future
 ])
-def test_upload_field_errors(world, payload, field):
+def test_upload_field_errors(world, payload, field, status):
     client = client_for("on_team", world)
     if payload.get("files") == "x":
         payload = {**payload, "files": [uploaded(image_bytes(seed=51))]}
     response = client.post(f"{API}/lesions/{world.lesion.pk}/images/", payload, format="multipart")
-    assert response.status_code == 400 and field in response.data, response.data
+    assert response.status_code == status and field in response.data["errors"], response.data
     assert LesionImage.objects.count() == 1
 
 
@@ -379,7 +379,7 @@ def test_too_many_files_is_a_clear_field_error(world, settings, csrf):
                            **headers)
     assert response.status_code == 400
     assert response["Content-Type"] == "application/json"
-    assert "files at once" in response.json()["files"][0]
+    assert "files at once" in response.json()["errors"]["files"][0]
     assert LesionImage.objects.count() == 1
 
 
@@ -387,9 +387,9 @@ def test_upload_to_an_invisible_lesion_in_the_payload_does_not_leak(world):
     client = client_for("off_team", world)
     foreign = client.post(f"{API}/images/", upload_payload(world), format="multipart")
     missing = client.post(f"{API}/images/", {**upload_payload(world), "lesion": 999999}, format="multipart")
-    assert foreign.status_code == missing.status_code == 400
-    assert str(foreign.data["lesion"][0]).replace(str(world.lesion.pk), "N") == \
-        str(missing.data["lesion"][0]).replace("999999", "N")
+    assert foreign.status_code == missing.status_code == 422
+    assert str(foreign.data["errors"]["lesion"][0]).replace(str(world.lesion.pk), "N") == \
+        str(missing.data["errors"]["lesion"][0]).replace("999999", "N")
 
 
 def test_image_filters(world):
@@ -439,7 +439,7 @@ def test_staff_without_a_team_must_choose_one(world):
     client.force_login(lonely_staff)
     response = client.post(f"{API}/patients/", {"mrn": "S-1", "name": "S", "birth_date": "1990-02-03"},
                            format="json")
-    assert response.status_code == 400 and "care_team" in response.data
+    assert response.status_code == 422 and "care_team" in response.data["errors"]
     response = client.post(f"{API}/patients/", {"mrn": "S-1", "name": "S", "birth_date": "1990-02-03",
                                                 "care_team": world.other_team.pk}, format="json")
     assert response.status_code == 201

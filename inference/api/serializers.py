@@ -129,10 +129,6 @@ class AnalysisSerializer(serializers.ModelSerializer):
     def get_threshold(self, obj):
         return scoring.threshold_for(obj)
 
-    @extend_schema_field(serializers.BooleanField())
-    def get_flagged(self, obj) -> bool:
-        return scoring.is_flagged(obj)
-
     @extend_schema_field(serializers.CharField())
     def get_scale(self, obj) -> str:
         return scoring.SCALE
@@ -148,3 +144,9 @@ class AnalysisSerializer(serializers.ModelSerializer):
         request = self.context.get("request")
         path = f"/api/v1/analyses/{obj.pk}/heatmap/"
         return request.build_absolute_uri(path) if request is not None else path
+
+    @extend_schema_field(serializers.BooleanField(allow_null=True))
+    def get_flagged(self, obj) -> bool | None:
+        if hasattr(obj, "is_flagged"):  # annotated by the API's querysets (inference.context.flag_annotations)
+            return obj.is_flagged
+        return None if obj.display_score is None else scoring.is_flagged(obj)

@@ -1,42 +1,97 @@
 import django_filters
+from django.db.models.functions import Length
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import generics, renderers, viewsets
 from rest_framework.decorators import action
 
+from melanoma_site.api import BooleanFilter, ContractMixin, IdFilter, NumberFilter
 from patients.api.views import ImageRenderer
 from patients.models import LesionImage, Patient
 
+from ..context import flag_annotations
 from ..models import Analysis, ModelVersion
 from .serializers import AnalysisSerializer, ModelVersionSerializer
 
 
 def visible_analyses(user):
-    """Analyses of the patients the user may see (THE visibility rule: Patient.objects.visible_to)."""
+    """Analyses of the patients the user may see (THE visibility rule: Patient.objects.visible_to).
+    The embedding stays deferred; its size is annotated for ``embedding_dim`` (no query per row)."""
     return (
         Analysis.objects.filter(image__lesion__patient__in=Patient.objects.visible_to(user))
         .select_related("model_version", "image__lesion")
         .defer("embedding")
+        .annotate(embedding_size=Length("embedding"))
+        .annotate(**flag_annotations())
     )
 
 
 class AnalysisFilter(django_filters.FilterSet):
-    lesion = django_filters.NumberFilter(field_name="image__lesion_id")
-    patient = django_filters.NumberFilter(field_name="image__lesion__patient_id")
+    # Ids are plain numbers filtered inside the visible analyses: another team's id reads exactly like
+    # one that does not exist (an empty list), and no form lists records.
+    image = IdFilter(field_name="image_id", label="Image id")
+    lesion = IdFilter(field_name="image__lesion_id", label="Lesion id")
+    patient = IdFilter(field_name="image__lesion__patient_id", label="Patient id")
+    model_version = IdFilter(field_name="model_version_id", label="Model version id")
+    status = django_filters.ChoiceFilter(choices=Analysis.Status.choices)
+    flagged = BooleanFilter(
+        field_name="is_flagged",
+        label="true: the score (final, else image probability) is at or above its operating threshold; "
+              "false: below it. Analyses without a score match neither.",
+    )
+    final_score__gte = NumberFilter(field_name="final_score", lookup_expr="gte", label="Final score at least")
+    final_score__lte = NumberFilter(field_name="final_score", lookup_expr="lte", label="Final score at most")
+    probability__gte = NumberFilter(field_name="probability", lookup_expr="gte",
+                                    label="Image-only probability at least")
+    probability__lte = NumberFilter(field_name="probability", lookup_expr="lte",
+                                    label="Image-only probability at most")
+    finished_on = django_filters.DateFromToRangeFilter(
+        field_name="finished_at",
+        label="Date the analysis finished: finished_on_after / finished_on_before (inclusive)")
+    acquired_on = django_filters.DateFromToRangeFilter(
+        field_name="image__acquired_on",
+        label="Acquisition date of the image: acquired_on_after / acquired_on_before (inclusive)")
 
     class Meta:
         model = Analysis
-        fields = ["image", "lesion", "patient", "status", "model_version"]
+        fields = []
 
 
+class ImageAnalysisFilter(django_filters.FilterSet):
+    status = django_filters.ChoiceFilter(choices=Analysis.Status.choices)
+    model_version = IdFilter(field_name="model_version_id", label="Model version id")
+
+    class Meta:
+        model = Analysis
+        fields = []
+
+
+class ModelVersionFilter(django_filters.FilterSet):
+    is_active = BooleanFilter(field_name="is_active", label="The version new uploads are scored with")
+    validated = BooleanFilter(field_name="validated", label="Validated for clinical use")
+    architecture = django_filters.CharFilter(field_name="architecture", label="Backbone, e.g. se_resnet50")
+
+    class Meta:
+        model = ModelVersion
+        fields = []
+
+
+ANALYSIS_ORDERING = ["queued_at", "finished_at", "probability", "final_score"]
+
+
+@extend_schema_view(
+    list=extend_schema(summary="Analyses of the patients you can see, newest first; filter by flag, score, "
+                               "status, model version, patient, dates"),
+    retrieve=extend_schema(summary="One analysis"),
+)
 @extend_schema(tags=["analyses"])
-class AnalysisViewSet(viewsets.ReadOnlyModelViewSet):
+class AnalysisViewSet(ContractMixin, viewsets.ReadOnlyModelViewSet):
     """Model analyses of images: image-only probability, final (context-adjusted) score, status."""
 
     serializer_class = AnalysisSerializer
     filterset_class = AnalysisFilter
-    ordering_fields = ["queued_at", "finished_at", "probability", "final_score"]
+    ordering_fields = ANALYSIS_ORDERING
     ordering = ["-queued_at"]
 
     def get_queryset(self):
@@ -55,12 +110,13 @@ class AnalysisViewSet(viewsets.ReadOnlyModelViewSet):
         return serve_heatmap(request, analysis, user=request.user)
 
 
-@extend_schema(tags=["analyses"])
-class ImageAnalysesView(generics.ListAPIView):
+@extend_schema(tags=["analyses"], summary="The analyses of one image (every model version that analysed it)")
+class ImageAnalysesView(ContractMixin, generics.ListAPIView):
     """The analyses of one image (every model version that analysed it)."""
 
     serializer_class = AnalysisSerializer
-    filterset_fields = ["status", "model_version"]
+    filterset_class = ImageAnalysisFilter
+    ordering_fields = ANALYSIS_ORDERING
     ordering = ["-queued_at"]
 
     def get_queryset(self):
@@ -74,10 +130,11 @@ class ImageAnalysesView(generics.ListAPIView):
 
 
 @extend_schema(tags=["model versions"])
-class ModelVersionViewSet(viewsets.ReadOnlyModelViewSet):
+class ModelVersionViewSet(ContractMixin, viewsets.ReadOnlyModelViewSet):
     """Installed model versions with their validation metrics, threshold and active flag."""
 
     serializer_class = ModelVersionSerializer
     queryset = ModelVersion.objects.all()
-    filterset_fields = ["is_active", "validated", "architecture"]
+    filterset_class = ModelVersionFilter
     ordering_fields = ["installed_at", "name"]
+    ordering = ["-installed_at"]

@@ -1,19 +1,12 @@
 import django_filters
-from django import forms
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import extend_schema_field
+
+from melanoma_site.api import IdFilter
 
 from ..models import Lesion, LesionImage, Patient
 from ..vocabulary import ANATOMIC_SITE_CHOICES
 
-
-# Related ids are plain numbers, not model choices: an id the user cannot see must look exactly like
-# one that does not exist (an empty result), never like a "valid choice".
-
-
-@extend_schema_field(OpenApiTypes.INT)
-class IdFilter(django_filters.NumberFilter):
-    field_class = forms.IntegerField
+# Related ids are plain numbers (IdFilter), not model choices: an id the user cannot see must look
+# exactly like one that does not exist (an empty result), never like a "valid choice".
 
 
 class PatientFilter(django_filters.FilterSet):

@@ -1,7 +1,10 @@
 """API representations. Writes are validated here for shape only; the services decide and store."""
+from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+
+from melanoma_site.api import StrictJSONMixin
 
 from ..models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from ..selectors import visible_lesions, visible_patients
@@ -45,7 +48,7 @@ class CareTeamSummarySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class PatientSerializer(serializers.ModelSerializer):
+class PatientSerializer(StrictJSONMixin, serializers.ModelSerializer):
     care_team = VisibleCareTeamField(
         required=False, allow_null=True,
         help_text="Care team id. Defaults to the user's only care team; clinicians may only choose a "
@@ -70,7 +73,7 @@ class PatientSerializer(serializers.ModelSerializer):
         return _absolute(self, reverse("api:patient-lesions", args=[obj.pk]))
 
 
-class LesionSerializer(serializers.ModelSerializer):
+class LesionSerializer(StrictJSONMixin, serializers.ModelSerializer):
     patient = VisiblePatientField(help_text="Patient id (a patient you can see).")
     anatomic_site = serializers.ChoiceField(choices=ANATOMIC_SITE_CHOICES, required=False, allow_blank=True)
     diagnosis = serializers.ChoiceField(choices=DIAGNOSIS_CHOICES, required=False, allow_blank=True)
@@ -89,19 +92,6 @@ class LesionSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
 
-    def get_fields(self):
-        fields = super().get_fields()
-        if self.instance is not None and not isinstance(self.instance, (list, tuple)) and hasattr(self.instance, "pk"):
-            fields["patient"].read_only = True  # a lesion never moves to another patient
-        return fields
-
-    def validate(self, attrs):
-        instance = self.instance if isinstance(self.instance, Lesion) else None
-        raw = getattr(self, "initial_data", {}).get("patient") if instance is not None else None
-        if raw not in (None, "") and str(raw) != str(instance.patient_id):
-            raise serializers.ValidationError({"patient": ["A lesion cannot be moved to another patient."]})
-        return attrs
-
     @extend_schema_field(serializers.IntegerField())
     def get_image_count(self, obj) -> int:
         count = getattr(obj, "image_count", None)
@@ -110,6 +100,20 @@ class LesionSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.URLField())
     def get_images_url(self, obj) -> str:
         return _absolute(self, reverse("api:lesion-images", args=[obj.pk]))
+
+
+class LesionUpdateSerializer(LesionSerializer):
+    """PUT / PATCH of a lesion: ``patient`` may be given (a client sending back what it read) but a
+    lesion never moves to another patient."""
+
+    patient = VisiblePatientField(required=False, help_text="The lesion's own patient id (it cannot change).")
+
+    def validate(self, attrs):
+        patient = attrs.pop("patient", None)
+        if patient is not None and self.instance is not None and patient.pk != self.instance.patient_id:
+            raise serializers.ValidationError(
+                {"patient": [serializers.ErrorDetail("A lesion cannot be moved to another patient.", code="rejected")]})
+        return attrs
 
 
 class NestedLesionSerializer(LesionSerializer):
@@ -177,7 +181,9 @@ class ImageUploadSerializer(serializers.Serializer):
     lesion = VisibleLesionField(help_text="Lesion id (a lesion you can see).")
     files = serializers.ListField(
         child=serializers.FileField(allow_empty_file=True, use_url=False), required=False,
-        help_text="One or several image files (JPEG, PNG, TIFF or BMP).",
+        max_length=settings.UPLOAD_MAX_FILES,
+        help_text=f"One or several image files (JPEG, PNG, TIFF or BMP), at most {settings.UPLOAD_MAX_FILES} "
+                  "with `file`.",
     )
     file = serializers.FileField(allow_empty_file=True, use_url=False, required=False,
                                  help_text="A single image file (alternative to `files`).")
@@ -189,8 +195,9 @@ class ImageUploadSerializer(serializers.Serializer):
         if attrs.get("file") is not None:
             files.append(attrs.pop("file"))
         attrs.pop("file", None)
-        if not files:
-            raise serializers.ValidationError({"files": ["Choose at least one image file."]})
+        if not files:  # not expressible in the schema (either field may carry them): 422
+            raise serializers.ValidationError(
+                {"files": [serializers.ErrorDetail("Choose at least one image file.", code="rejected")]})
         attrs["files"] = files
         return attrs
 

@@ -1,5 +1,5 @@
 from django.urls import path
-from rest_framework.routers import DefaultRouter
+from rest_framework.routers import SimpleRouter
 
 from .views import (
     LesionImagesView,
@@ -12,7 +12,8 @@ from .views import (
 
 app_name = "api"
 
-router = DefaultRouter()
+# The API root (every collection of both apps) is melanoma_site.api.root.APIRootView.
+router = SimpleRouter()
 router.register("patients", PatientViewSet, basename="patient")
 router.register("lesions", LesionViewSet, basename="lesion")
 router.register("images", LesionImageViewSet, basename="image")

@@ -14,10 +14,12 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Count
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import generics, mixins, parsers, renderers, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
+
+from melanoma_site.api import ContractMixin
 
 from .. import media, services
 from ..models import LesionReview
@@ -29,6 +31,7 @@ from .serializers import (
     LesionImageSerializer,
     LesionReviewSerializer,
     LesionSerializer,
+    LesionUpdateSerializer,
     NestedImageUploadSerializer,
     NestedLesionSerializer,
     PatientSerializer,
@@ -36,23 +39,31 @@ from .serializers import (
 )
 
 
+REJECTED = "rejected"  # the services' refusals: answered 422 (melanoma_site.api)
+
+
+def _rejected(messages) -> list:
+    return [serializers.ErrorDetail(str(m), code=REJECTED) for m in messages]
+
+
 def drf_error(exc: DjangoValidationError) -> serializers.ValidationError:
-    """A service's ValidationError as DRF field errors ({"field": ["message", ...]})."""
+    """A service's ValidationError as DRF field errors ({"field": ["message", ...]}), code "rejected"."""
     if isinstance(exc, UploadRejected) and hasattr(exc, "error_dict"):
         # {client file name: [reasons]} -> {"files": ["name: reason", ...]}
         return serializers.ValidationError(
-            {"files": [f"{name}: {reason}" for name, reasons in exc.message_dict.items() for reason in reasons]}
+            {"files": _rejected(f"{name}: {reason}" for name, reasons in exc.message_dict.items() for reason in reasons)}
         )
     if hasattr(exc, "error_dict"):
         return serializers.ValidationError(
-            {("non_field_errors" if key == NON_FIELD_ERRORS else key): value
+            {("non_field_errors" if key == NON_FIELD_ERRORS else key): _rejected(value)
              for key, value in exc.message_dict.items()}
         )
-    return serializers.ValidationError({"non_field_errors": exc.messages})
+    return serializers.ValidationError({"non_field_errors": _rejected(exc.messages)})
 
 
-class ServiceErrorsMixin:
-    """Service and request-parsing errors as DRF errors (JSON 400 with a message), never a bare 400 page."""
+class ServiceErrorsMixin(ContractMixin):
+    """Service and request-parsing errors as DRF errors (JSON 422/400 with a message), never a bare 400
+    page; query parameters checked (melanoma_site.api.ContractMixin)."""
 
     def handle_exception(self, exc):
         if isinstance(exc, DjangoValidationError):
@@ -89,6 +100,7 @@ PATIENT_ORDERING = ["name", "mrn", "birth_date", "created_at", "updated_at", "la
 @extend_schema(tags=["patients"])
 class PatientViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
     serializer_class = PatientSerializer
+    parser_classes = [parsers.JSONParser]
     filterset_class = PatientFilter
     search_fields = ["mrn", "name"]
     ordering_fields = PATIENT_ORDERING
@@ -124,6 +136,7 @@ def _lesions(user):
 @extend_schema(tags=["lesions"])
 class LesionViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
     serializer_class = LesionSerializer
+    parser_classes = [parsers.JSONParser]
     filterset_class = LesionFilter
     search_fields = ["label", "notes", "patient__mrn", "patient__name"]
     ordering_fields = ["label", "anatomic_site", "created_at", "updated_at"]
@@ -131,6 +144,9 @@ class LesionViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
 
     def get_queryset(self):
         return _lesions(self.request.user)
+
+    def get_serializer_class(self):
+        return LesionUpdateSerializer if self.action in ("update", "partial_update") else LesionSerializer
 
     def retrieve(self, request, *args, **kwargs):
         lesion = self.get_object()
@@ -141,8 +157,8 @@ class LesionViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
         serializer.instance = services.create_lesion(user=self.request.user, **serializer.validated_data)
 
     def perform_update(self, serializer):
-        data = {k: v for k, v in serializer.validated_data.items() if k != "patient"}
-        serializer.instance = services.update_lesion(user=self.request.user, lesion=serializer.instance, data=data)
+        serializer.instance = services.update_lesion(
+            user=self.request.user, lesion=serializer.instance, data=dict(serializer.validated_data))
 
     def perform_destroy(self, instance):
         services.delete_lesion(user=self.request.user, lesion=instance)
@@ -155,6 +171,7 @@ class LesionViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
 )
 class PatientLesionsView(ServiceErrorsMixin, generics.ListCreateAPIView):
     serializer_class = NestedLesionSerializer
+    parser_classes = [parsers.JSONParser]
     filterset_class = LesionFilter
     search_fields = ["label", "notes"]
     ordering_fields = ["label", "anatomic_site", "created_at", "updated_at"]
@@ -190,7 +207,9 @@ UPLOAD_RESPONSES = {
                                      "`created` is false where the same bytes were already stored."),
     200: OpenApiResponse(UploadedImageSerializer(many=True),
                          description="Every file was already stored for this lesion; those images are returned."),
-    400: OpenApiResponse(description='Nothing stored. Field errors, e.g. {"files": ["name.jpg: not an image"]}.'),
+    422: OpenApiResponse(description='Nothing stored: a file was refused (errors name it, e.g. '
+                                     '{"files": ["name.jpg: not an image"]}), or the lesion is not one you can see, '
+                                     'or the date is in the future.'),
 }
 
 
@@ -209,8 +228,13 @@ def _upload(view, request, lesion=None):
 FILE_RESPONSES = {
     (200, "image/jpeg"): OpenApiTypes.BINARY,
     (200, "image/png"): OpenApiTypes.BINARY,
+    304: OpenApiResponse(description="Not modified: If-None-Match names the stored file's ETag."),
     404: OpenApiResponse(description="No such image, or not one of your patients'."),
 }
+IF_NONE_MATCH = OpenApiParameter(
+    "If-None-Match", str, OpenApiParameter.HEADER, required=False,
+    description="ETag(s) of a copy you hold (from an earlier response's ETag header); 304 when it is current.",
+)
 
 
 @extend_schema_view(
@@ -225,10 +249,17 @@ class LesionImageViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.Retri
     filterset_class = LesionImageFilter
     ordering_fields = ["acquired_on", "uploaded_at", "id", "size_bytes"]
     ordering = ["acquired_on", "uploaded_at", "id"]
-    parser_classes = [parsers.JSONParser, parsers.MultiPartParser, parsers.FormParser]
+    parser_classes = [parsers.MultiPartParser]
 
     def get_queryset(self):
         return visible_images(self.request.user)
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        # An error from the file routes is JSON, whatever image type the Accept header asked for.
+        if isinstance(response, Response) and response.status_code >= 400 and isinstance(
+                getattr(request, "accepted_renderer", None), ImageRenderer):
+            request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
+        return super().finalize_response(request, response, *args, **kwargs)
 
     def retrieve(self, request, *args, **kwargs):
         image = self.get_object()
@@ -246,14 +277,16 @@ class LesionImageViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.Retri
     def perform_destroy(self, instance):
         services.delete_image(user=self.request.user, image=instance)
 
-    @extend_schema(summary="The stored image file (re-encoded, metadata removed)", responses=FILE_RESPONSES)
+    @extend_schema(summary="The stored image file (re-encoded, metadata removed)", responses=FILE_RESPONSES,
+                   parameters=[IF_NONE_MATCH])
     @action(detail=True, methods=["get"], renderer_classes=[renderers.JSONRenderer, ImageRenderer],
             filter_backends=[], pagination_class=None)
     def file(self, request, pk=None):
         return media.serve_image(request, self.get_object(), media.FILE, user=request.user)
 
-    @extend_schema(summary="The image's thumbnail (JPEG)",
-                   responses={(200, "image/jpeg"): OpenApiTypes.BINARY, 404: FILE_RESPONSES[404]})
+    @extend_schema(summary="The image's thumbnail (JPEG)", parameters=[IF_NONE_MATCH],
+                   responses={(200, "image/jpeg"): OpenApiTypes.BINARY, 304: FILE_RESPONSES[304],
+                              404: FILE_RESPONSES[404]})
     @action(detail=True, methods=["get"], renderer_classes=[renderers.JSONRenderer, ImageRenderer],
             filter_backends=[], pagination_class=None)
     def thumbnail(self, request, pk=None):
@@ -266,7 +299,7 @@ class LesionImagesView(ServiceErrorsMixin, generics.ListAPIView):
     filterset_class = LesionImageFilter
     ordering_fields = ["acquired_on", "uploaded_at", "id"]
     ordering = ["acquired_on", "uploaded_at", "id"]
-    parser_classes = [parsers.MultiPartParser, parsers.FormParser]
+    parser_classes = [parsers.MultiPartParser]
 
     def get_lesion(self):
         if not hasattr(self, "_lesion"):

@@ -10,7 +10,7 @@ import secrets
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.files.uploadedfile import SimpleUploadedFile
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from rest_framework.authtoken.models import Token
 
 from patients import services
@@ -48,8 +48,18 @@ def _password(name: str) -> str:
 class Command(BaseCommand):
     help = "Create demo users, care teams and patients with generated images (idempotent)."
 
+    def add_arguments(self, parser):
+        parser.add_argument("--token", action="store_true",
+                            help="Only print the demo clinician's API token (for scripts: the README's examples).")
+
     def handle(self, *args, **options):
         User = get_user_model()
+        if options["token"]:
+            doctor = User.objects.filter(username="dr.demo").first()
+            if doctor is None:
+                raise CommandError("No demo clinician yet: run ./run.sh (or manage.py seed_demo) first.")
+            self.stdout.write(Token.objects.get_or_create(user=doctor)[0].key)
+            return
         creds = []
 
         def user(username, **extra):
