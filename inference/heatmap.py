@@ -1,4 +1,5 @@
-"""Explanation heatmaps (Grad-CAM) for the worker. Imports torch: never import this in the web process.
+"""Explanation heatmaps (Grad-CAM) for the worker. torch is imported only inside the functions that
+run the network (the worker's), so importing this module costs the web process nothing.
 
 Grad-CAM (Selvaraju et al., 2017) over the network's last convolutional feature map: each channel
 is weighted by the mean gradient of the melanoma logit with respect to it, the weighted sum is
@@ -15,7 +16,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import torch
 from PIL import Image
 
 METHOD = "grad-cam"
@@ -36,12 +36,14 @@ def _input_of(predictor, network) -> tuple[int, str, str]:
     return int(predictor.input_size), "imagenet", ""
 
 
-def gradcam(network, batch: torch.Tensor) -> np.ndarray:
+def gradcam(network, batch) -> np.ndarray:
     """Grad-CAM maps (N, h, w) in 0..1 for the melanoma logit of each image of ``batch``.
 
     ``batch`` is the model input (N, 3, H, W), preprocessed exactly as for scoring. Runs in fp32
     with gradients enabled; the network's weights are not changed.
     """
+    import torch
+
     with torch.enable_grad():
         fmap = network.feature_map(batch.float()).detach().float().requires_grad_(True)
         logits = network.logit_from_map(fmap)
