@@ -335,7 +335,8 @@ def test_api_creates_and_lists_reviews(api, patient, v):
 def test_api_reviews_are_visibility_checked_and_append_only(api, patient, other_team, clinician):
     foreign = LesionFactory(patient=PatientFactory(care_team=other_team))
     r = api.post("/api/v1/reviews/", {"lesion": foreign.pk, "decision": "refer"}, format="json")
-    assert r.status_code == 400 and "lesion" in r.json()
+    # one error format (issue 14): another team's lesion reads like an unknown one, a rule refusal
+    assert r.status_code == 422 and "lesion" in r.json()["errors"]
     review = services.record_review(user=other_team.members.get(), lesion=foreign, decision="refer")
     assert api.get(f"/api/v1/reviews/{review.pk}/").status_code == 404
     assert api.get("/api/v1/reviews/").json()["count"] == 0
@@ -344,7 +345,7 @@ def test_api_reviews_are_visibility_checked_and_append_only(api, patient, other_
     assert api.delete(f"/api/v1/reviews/{mine.pk}/").status_code == 405
     bad = api.post("/api/v1/reviews/", {"lesion": mine.lesion_id, "decision": "monitor", "follow_up_months": 0},
                    format="json")
-    assert bad.status_code == 400 and "follow_up_months" in bad.json()
+    assert bad.status_code == 400 and "follow_up_months" in bad.json()["errors"]
 
 
 def test_schema_documents_reviews(api):

@@ -3,6 +3,7 @@ from django.db.models.functions import Length
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework.response import Response
 from rest_framework import generics, renderers, viewsets
 from rest_framework.decorators import action
 
@@ -96,6 +97,13 @@ class AnalysisViewSet(ContractMixin, viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self):
         return visible_analyses(self.request.user)
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        # An error from the heatmap route is JSON, whatever image type the Accept header asked for.
+        if isinstance(response, Response) and response.status_code >= 400 and isinstance(
+                getattr(request, "accepted_renderer", None), ImageRenderer):
+            request.accepted_renderer, request.accepted_media_type = renderers.JSONRenderer(), "application/json"
+        return super().finalize_response(request, response, *args, **kwargs)
 
     @extend_schema(summary="The analysis's Grad-CAM heatmap (transparent PNG over the image; 404 until made)",
                    responses={(200, "image/png"): OpenApiTypes.BINARY,

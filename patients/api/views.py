@@ -19,7 +19,7 @@ from rest_framework import generics, mixins, parsers, renderers, serializers, st
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from melanoma_site.api import ContractMixin
+from melanoma_site.api import ContractMixin, IdFilter
 
 from .. import media, services
 from ..models import LesionReview
@@ -325,7 +325,9 @@ class LesionImagesView(ServiceErrorsMixin, generics.ListAPIView):
 
 
 class LesionReviewFilter(django_filters.FilterSet):
-    patient = django_filters.NumberFilter(field_name="lesion__patient_id")
+    # plain ids filtered inside the visible reviews: a foreign id reads like an unknown one
+    lesion = IdFilter(field_name="lesion_id", label="Lesion id")
+    patient = IdFilter(field_name="lesion__patient_id", label="Patient id")
     in_force = django_filters.BooleanFilter(field_name="superseded_by", lookup_expr="isnull",
                                             help_text="true: only the review in force of each lesion.")
     follow_up_due_before = django_filters.DateFilter(field_name="follow_up_due", lookup_expr="lte")
@@ -347,6 +349,7 @@ class LesionReviewViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.Retr
 
     serializer_class = LesionReviewSerializer
     filterset_class = LesionReviewFilter
+    parser_classes = [parsers.JSONParser]
     ordering_fields = ["created_at", "follow_up_due"]
     ordering = ["-created_at", "-id"]
 
