@@ -77,9 +77,9 @@ def day_records(transactional_db):
     from inference.tasks import make_heatmap
     from tests.worker_utils import register_version
 
-    # The bundled demo model, so the heatmaps below are what the worker would make with it.
+    # The bundled ensemble version, so the heatmaps below are what the worker would make with it.
     v = register_version(
-        Path(settings.DEMO_MODEL_DIR) / "model.pt", name="demo-2026-11",
+        Path(settings.BASE_DIR) / "models" / "demo-v2" / "model.pt", name="demo-2026-11",
         metrics={"roc_auc": 0.76, "roc_auc_ci95": [0.741, 0.778], "sensitivity": 0.9, "specificity": 0.455,
                  "n": 3775, "n_melanoma": 613}, threshold=0.408)
     ada = PatientFactory(mrn="DAY-001", name="Ada Lovelace", care_team=team, birth_date=datetime.date(1961, 12, 10))
