@@ -67,14 +67,13 @@ def _fit(X, y):
     return lr.coef_[0].astype(float), float(lr.intercept_[0])
 
 
-def _per_source(y, p, threshold, groups, sources, n_boot, pooled=True) -> dict:
-    out = {}
-    if pooled:
-        out["pooled"] = M.summary_with_ci(y, p, threshold, groups, n_boot)
-    for s in sorted(set(sources.tolist())):
-        m = sources == s
-        out[s] = M.summary_with_ci(y[m], p[m], threshold, groups[m], n_boot)
-    return out
+def _per_source(y, p, threshold, groups, sources, n_boot) -> dict:
+    """{"pooled": ..., source: ...}: the same summaries ``evaluate`` prints (training.evaluate.report)."""
+    from .evaluate import report
+
+    out = report(y, p, threshold, sources, groups, n_boot)
+    per = out.pop("per_source")
+    return {"pooled": out, **per}
 
 
 def _auc_table(y, p, sources) -> dict:

@@ -159,8 +159,6 @@ class Collate:
         return tuple(out)
 
 
-collate = Collate()
-
 
 @torch.no_grad()
 def predict(model: nn.Module, arrays, batch_size: int = 64, tta: bool = False, amp=None,
