@@ -24,6 +24,10 @@ class ModelVersion(models.Model):
     context_model = models.JSONField(
         null=True, blank=True, help_text="Patient-context model exported with this version, if any."
     )
+    runtime = models.JSONField(
+        default=dict, blank=True,
+        help_text="Inference runtime the worker chose for this version on its machine, by measurement: the "
+                  "candidates tried, their speed and their deviation from the fp32 reference probabilities.")
     is_active = models.BooleanField(default=False)
     installed_at = models.DateTimeField(auto_now_add=True)
 

@@ -6,9 +6,9 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_safe
 
 from patients.media import serve_stored_file
-from patients.models import LesionImage, Patient
+from patients.selectors import visible_images, visible_patients
 
-from . import services
+from . import selectors
 from .models import Analysis, ModelVersion
 
 
@@ -17,8 +17,7 @@ from .models import Analysis, ModelVersion
 def image_result(request, pk):
     # 404 (not 403, not a login redirect) unless the image's patient is visible to this user.
     image = get_object_or_404(
-        LesionImage.objects.filter(lesion__patient__in=Patient.objects.visible_to(request.user))
-        .prefetch_related(services.analysis_prefetch()),
+        visible_images(request.user).prefetch_related(selectors.analysis_prefetch()),
         pk=pk,
     )
     return render(request, "inference/_image_result.html", {"image": image, "fragment": True})
@@ -28,7 +27,7 @@ def image_result(request, pk):
 @never_cache
 def patient_context(request, pk):
     """The patient-context section as a fragment (polled while a context score is pending)."""
-    patient = get_object_or_404(Patient.objects.visible_to(request.user), pk=pk)
+    patient = get_object_or_404(visible_patients(request.user), pk=pk)
     return render(request, "inference/_patient_context.html", {"patient": patient, "fragment": True})
 
 
@@ -53,8 +52,7 @@ def model_version_detail(request, pk):
 def get_visible_analysis(user, pk) -> Analysis:
     """The analysis ``pk`` if its image's patient is visible to ``user``; 404 otherwise (never 403)."""
     return get_object_or_404(
-        Analysis.objects.filter(image__lesion__patient__in=Patient.objects.visible_to(user))
-        .select_related("image__lesion__patient").defer("embedding"), pk=pk)
+        selectors.visible_analyses(user).select_related("image__lesion__patient"), pk=pk)
 
 
 def serve_heatmap(request, analysis: Analysis, *, user=None):

@@ -141,7 +141,7 @@ THUMBNAIL_SIZE = 256
 # Prefetch factories (dotted paths) applied to image lists on the records pages, so that what the
 # analysis app shows beside each image costs no query per image. Keeps patients -> inference
 # imports out of the records core: the dependency is one-way (inference imports patients).
-IMAGE_LIST_PREFETCHES = ["inference.services.analysis_prefetch"]
+IMAGE_LIST_PREFETCHES = ["inference.selectors.analysis_prefetch"]
 # The module that gives lesions their current score, flag and unreviewed state (patients.results).
 RESULTS_MODULE = "inference.scoring"
 

@@ -29,10 +29,6 @@ NO_PERMISSION = "You are not allowed to do this for this patient."
 
 # --- look-ups: the only way these views reach an object ------------------------------------------
 
-def visible_patients(user):
-    return Patient.objects.visible_to(user)
-
-
 def save_changes(request, form, update, *, saved: str) -> bool:
     """Hand a valid edit form's changed fields to ``update(data)`` (a service call). True when it
     worked (a success message is queued); service refusals become form errors and False."""
@@ -51,12 +47,11 @@ def save_changes(request, form, update, *, saved: str) -> bool:
 
 
 def get_patient(request, pk):
-    return get_object_or_404(visible_patients(request.user).select_related("care_team"), pk=pk)
+    return get_object_or_404(selectors.visible_patients(request.user), pk=pk)
 
 
 def get_lesion(request, pk):
-    lesions = Lesion.objects.filter(patient__in=visible_patients(request.user))
-    return get_object_or_404(lesions.select_related("patient", "patient__care_team"), pk=pk)
+    return get_object_or_404(selectors.visible_lesions(request.user).select_related("patient__care_team"), pk=pk)
 
 
 def images_in_date_order():
@@ -73,7 +68,7 @@ def images_in_date_order():
 @login_required
 def worklist(request):
     q = request.GET.get("q", "").strip()
-    patients = visible_patients(request.user).annotate(
+    patients = selectors.visible_patients(request.user).annotate(
         n_lesions=Count("lesions", distinct=True),
         n_images=Count("lesions__images", distinct=True),
     )
@@ -88,7 +83,7 @@ def worklist(request):
     return render(request, "patients/worklist.html", {
         "page": page,
         "q": q,
-        "has_any": page.paginator.count > 0 or visible_patients(request.user).exists(),
+        "has_any": page.paginator.count > 0 or selectors.visible_patients(request.user).exists(),
     })
 
 

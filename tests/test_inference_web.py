@@ -4,6 +4,7 @@ from django.template import Context, Template
 from django.urls import reverse
 from rest_framework.test import APIClient
 
+from inference import selectors as inference_selectors
 from inference import services
 from inference.models import Analysis, ModelVersion
 from patients.models import LesionImage
@@ -125,7 +126,7 @@ def test_partial_for_many_images_runs_a_bounded_number_of_queries(rf, clinician,
     tpl = Template('{% for image in images %}{% include "inference/_image_result.html" with image=image %}'
                    '{% endfor %}')
     with django_assert_max_num_queries(4):
-        images = list(services.with_results(LesionImage.objects.filter(lesion=lesion)))
+        images = list(inference_selectors.with_results(LesionImage.objects.filter(lesion=lesion)))
         html = tpl.render(Context({"images": images, "request": request}))
     assert html.count('class="analysis-result') == 50
     assert html.count("Queued for analysis") == 20 and html.count("Waiting for analysis") == 10
@@ -134,7 +135,7 @@ def test_partial_for_many_images_runs_a_bounded_number_of_queries(rf, clinician,
 
     with django_assert_max_num_queries(5):
         lesions = list(Lesion.objects.filter(pk=lesion.pk).prefetch_related(
-            "images", services.analysis_prefetch(prefix="images__")))
+            "images", inference_selectors.analysis_prefetch(prefix="images__")))
         tpl.render(Context({"images": lesions[0].images.all(), "request": request}))
 
 

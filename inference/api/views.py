@@ -9,20 +9,20 @@ from rest_framework.decorators import action
 
 from melanoma_site.api import BooleanFilter, ContractMixin, IdFilter, NumberFilter
 from patients.api.views import ImageRenderer
-from patients.models import LesionImage, Patient
+from patients.selectors import visible_images
 
+from .. import selectors
 from ..context import flag_annotations
 from ..models import Analysis, ModelVersion
 from .serializers import AnalysisSerializer, ModelVersionSerializer
 
 
 def visible_analyses(user):
-    """Analyses of the patients the user may see (THE visibility rule: Patient.objects.visible_to).
+    """Analyses the user may see (``inference.selectors.visible_analyses``: the one visibility rule).
     The embedding stays deferred; its size is annotated for ``embedding_dim`` (no query per row)."""
     return (
-        Analysis.objects.filter(image__lesion__patient__in=Patient.objects.visible_to(user))
+        selectors.visible_analyses(user)
         .select_related("model_version", "image__lesion")
-        .defer("embedding")
         .annotate(embedding_size=Length("embedding"))
         .annotate(**flag_annotations())
     )
@@ -131,8 +131,7 @@ class ImageAnalysesView(ContractMixin, generics.ListAPIView):
         if getattr(self, "swagger_fake_view", False):
             return Analysis.objects.none()
         image = get_object_or_404(
-            LesionImage.objects.filter(lesion__patient__in=Patient.objects.visible_to(self.request.user)),
-            pk=self.kwargs["image_pk"],
+            visible_images(self.request.user), pk=self.kwargs["image_pk"],
         )
         return visible_analyses(self.request.user).filter(image=image)
 

@@ -1,11 +1,11 @@
 """``{% image_result image as r %}``: the active version's analysis of an image, for the partial.
 
-With the images fetched through ``inference.services.analysis_prefetch()`` / ``with_results()``
+With the images fetched through ``inference.selectors.analysis_prefetch()`` / ``with_results()``
 this costs no query per image; the active model version is looked up once per request.
 """
 from django import template
 
-from .. import scoring, services
+from .. import scoring, selectors, services
 
 register = template.Library()
 
@@ -25,14 +25,14 @@ def _active_version(context):
 @register.simple_tag(takes_context=True)
 def image_result(context, image):
     analysis = None
-    prefetched = getattr(image, services.ACTIVE_ATTR, None)
+    prefetched = getattr(image, selectors.ACTIVE_ATTR, None)
     if prefetched:
         analysis = prefetched[0]
         version = analysis.model_version
     else:
         version = _active_version(context)
         if prefetched is None and version is not None:
-            analysis = services.result_for_image(image, version)
+            analysis = selectors.result_for_image(image, version)
     if version is None:
         state = "no_model"
     elif analysis is None:
