@@ -154,10 +154,10 @@ def rescore_patient(self, patient_id: int, model_version_id: int) -> int:
 def compute_heatmap(self, analysis_id: int) -> bool:
     """Grad-CAM heatmap of a done analysis, with the network that scored it. Idempotent: an
     analysis that already has one (or is no longer done) is left alone. Returns whether one was stored."""
-    return make_heatmap(analysis_id)
+    return make_heatmap(analysis_id, worker=_worker_name(self))
 
 
-def make_heatmap(analysis_id: int) -> bool:
+def make_heatmap(analysis_id: int, *, worker: str = "") -> bool:
     from . import services
     from .heatmap import explain_image
 
@@ -181,6 +181,7 @@ def make_heatmap(analysis_id: int) -> bool:
         return False
     info["ms"] = round((time.perf_counter() - t0) * 1000, 1)
     info["model_version"] = analysis.model_version.name
+    info["worker"] = worker or socket.gethostname()  # which worker (queue) made it
     return services.store_heatmap(analysis=analysis, png=png, info=info)
 
 

@@ -8,6 +8,7 @@ import secrets
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -117,8 +118,41 @@ STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # streamed by views that check the user may see the patient.
 MEDIA_ROOT = Path(env("MEDIA_ROOT", default=str(VAR_DIR / "media")))
 MEDIA_URL = "/media-not-served/"
+# Where media (uploaded images, thumbnails, heatmaps) live; code reaches them only through Django's
+# storage API (default_storage / FileField.storage), never through paths. STORAGE=local (default):
+# the private folder MEDIA_ROOT, enough when web and workers share one machine. STORAGE=s3: an
+# S3-compatible object store (AWS S3, MinIO, ...), so web, beat and workers can run on separate
+# machines sharing only PostgreSQL, Redis and the bucket. Objects are private and have no URL
+# (melanoma_site.storage.PrivateS3Storage): the web process streams them after the access check.
+# Model weights (MODEL_ROOT) are not media: each worker machine has its own models folder.
+STORAGE = env("STORAGE", default="local").strip().lower()
+if STORAGE == "local":
+    _media_storage = {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+elif STORAGE == "s3":
+    if not env("S3_BUCKET", default=""):
+        raise ImproperlyConfigured("STORAGE=s3 needs S3_BUCKET (and the S3_* settings of the object store).")
+    _s3_options = {
+        "bucket_name": env("S3_BUCKET"),
+        "endpoint_url": env("S3_ENDPOINT_URL", default="") or None,  # empty: AWS itself
+        "access_key": env("S3_ACCESS_KEY_ID", default="") or None,  # empty: boto3's own lookup (roles)
+        "secret_key": env("S3_SECRET_ACCESS_KEY", default="") or None,
+        "region_name": env("S3_REGION", default="") or None,
+        "location": env("S3_PREFIX", default=""),  # a key prefix inside the bucket
+        # Path-style addressing works with MinIO and most self-hosted stores; AWS takes either.
+        "addressing_style": env("S3_ADDRESSING_STYLE", default="path"),
+        "signature_version": "s3v4",
+        "default_acl": "private",
+        "file_overwrite": False,
+        "verify": env.bool("S3_VERIFY_TLS", default=True),
+    }
+    _sse = env("S3_SERVER_SIDE_ENCRYPTION", default="")  # e.g. AES256 or aws:kms
+    if _sse:
+        _s3_options["object_parameters"] = {"ServerSideEncryption": _sse}
+    _media_storage = {"BACKEND": "melanoma_site.storage.PrivateS3Storage", "OPTIONS": _s3_options}
+else:
+    raise ImproperlyConfigured(f"STORAGE must be 'local' or 's3', not {STORAGE!r}.")
 STORAGES = {
-    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "default": _media_storage,
     "staticfiles": {
         "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
         if not DEBUG
@@ -209,6 +243,11 @@ else:
         "control_folder": str(_broker / "control"),
     }
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="melanoma")
+# Queues: every task goes to CELERY_QUEUE, except the model analyses when ANALYSIS_QUEUE names a
+# queue of their own (melanoma_site.celery.route_task). Production runs one worker pool per queue
+# (`-Q analyses` and `-Q context`): scoring new images is never stuck behind re-scores and heatmaps.
+ANALYSIS_QUEUE = env("ANALYSIS_QUEUE", default="")
+CELERY_TASK_ROUTES = ("melanoma_site.celery.route_task",)
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
