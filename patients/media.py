@@ -1,6 +1,7 @@
 """Private media: image files and thumbnails are streamed only to users who may see the patient.
 
-Nothing under MEDIA_ROOT has a URL of its own. These views (and the API's ``images/{id}/file/``
+Nothing in the media storage (MEDIA_ROOT, or the S3 bucket with STORAGE=s3) has a URL of its own;
+the bytes are read through the storage API and streamed by the web process. These views (and the API's ``images/{id}/file/``
 and ``/thumbnail/`` actions, which share :func:`serve_image`) look the image up through
 ``Patient.objects.visible_to(user)``: another clinician's image answers 404, exactly like an image
 that does not exist. Every fetch is recorded in the audit trail as a "viewed" event.

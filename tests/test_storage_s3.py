@@ -353,3 +353,36 @@ def test_s3_settings_come_from_the_environment(tmp_path):
     assert options["default_acl"] == "private" and options["file_overwrite"] is False
     assert options["object_parameters"] == {"ServerSideEncryption": "AES256"}
     assert (analysis_q, default_q) == ("analyses", "context")
+
+
+@pytest.mark.django_db
+def test_installing_an_installed_model_on_another_machine_puts_its_weights_there(settings, tmp_path,
+                                                                                tiny_ckpt):  # noqa: F811
+    """Weights are not media: each worker machine has its own MODEL_ROOT, filled by running
+    install_model --skip-if-installed there (deploy/compose.yaml does this before each worker)."""
+    from inference import services
+    from inference.predictor import predictor_for_version
+
+    settings.MODEL_ROOT = tmp_path / "web-machine"
+    version = services.install_model_version(checkpoint_path=tiny_ckpt, activate=True)
+    settings.MODEL_ROOT = tmp_path / "worker-machine"
+    assert not (tmp_path / "worker-machine" / version.weights_path).exists()
+    again = services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True)
+    assert again.pk == version.pk
+    copied = tmp_path / "worker-machine" / version.weights_path
+    assert hashlib.sha256(copied.read_bytes()).hexdigest() == version.sha256
+    pred, _ = predictor_for_version(version)
+    assert pred.version_id == version.pk
+
+
+def test_demo_seeding_stores_its_images_in_the_bucket(on_s3, s3, topology):
+    from django.core.management import call_command
+
+    call_command("seed_demo", stdout=open(os.devnull, "w"))
+    images = list(LesionImage.objects.filter(lesion__patient__mrn__startswith="DEMO-"))
+    assert images
+    stored = keys(s3)
+    for img in images:
+        assert {img.file.name, img.thumbnail.name} <= stored
+        assert hashlib.sha256(s3_bytes(s3, img.file.name)).hexdigest() == img.sha256
+    assert files_under(topology["media"]["test"]) == []

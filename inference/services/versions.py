@@ -106,6 +106,9 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
             raise ModelInstallError(
                 f"{src} is already installed as model version {existing.name!r} (sha256 {sha[:12]}...); "
                 "nothing to do (use --skip-if-installed to accept this)")
+        # Another machine (a worker with its own models folder) installs the same file: it gets
+        # the weights under its MODEL_ROOT; the database already has the version.
+        _store_weights(src, sha, existing.card)
         context_model = _context_model_for(src, context_model_path)
         if context_model is not None:
             replace_context_model(model_version=existing, context_model=context_model)
@@ -137,14 +140,7 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
     if ModelVersion.objects.filter(name=name).exists():
         name = f"{name}-{sha[:8]}"
 
-    root = Path(settings.MODEL_ROOT)
-    root.mkdir(parents=True, exist_ok=True)
-    dest = root / f"{sha}.pt"
-    if not dest.exists():
-        tmp = root / f".{sha}.{uuid.uuid4().hex}.tmp"
-        shutil.copyfile(src, tmp)
-        tmp.replace(dest)
-    (root / f"{sha}.card.json").write_text(json.dumps(card, indent=2, default=str))
+    dest = _store_weights(src, sha, card)
 
     version = ModelVersion.objects.create(
         name=name[:100], architecture=architecture, input_size=input_size, sha256=sha,
@@ -157,6 +153,20 @@ def install_model_version(*, checkpoint_path, name: str | None = None, activate:
     if activate:
         activate_model_version(model_version=version)
     return version
+
+
+def _store_weights(src: Path, sha: str, card: dict) -> Path:
+    """Copy the checkpoint to this machine's MODEL_ROOT by its SHA-256 (once) with its card.
+    Weights are local files on every worker machine, never media in the object store."""
+    root = Path(settings.MODEL_ROOT)
+    root.mkdir(parents=True, exist_ok=True)
+    dest = root / f"{sha}.pt"
+    if not dest.exists():
+        tmp = root / f".{sha}.{uuid.uuid4().hex}.tmp"
+        shutil.copyfile(src, tmp)
+        tmp.replace(dest)
+    (root / f"{sha}.card.json").write_text(json.dumps(card, indent=2, default=str))
+    return dest
 
 
 def _check_context_model(context_model, path=None) -> None:
