@@ -64,6 +64,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
+    "melanoma_site.storage.StorageUnavailableMiddleware",  # media store down: 503, not 500
 ]
 
 ROOT_URLCONF = "melanoma_site.urls"
@@ -123,7 +124,7 @@ MEDIA_URL = "/media-not-served/"
 # the private folder MEDIA_ROOT, enough when web and workers share one machine. STORAGE=s3: an
 # S3-compatible object store (AWS S3, MinIO, ...), so web, beat and workers can run on separate
 # machines sharing only PostgreSQL, Redis and the bucket. Objects are private and have no URL
-# (melanoma_site.storage.PrivateS3Storage): the web process streams them after the access check.
+# (melanoma_site.storage.s3.PrivateS3Storage): the web process streams them after the access check.
 # Model weights (MODEL_ROOT) are not media: each worker machine has its own models folder.
 STORAGE = env("STORAGE", default="local").strip().lower()
 if STORAGE == "local":
@@ -145,10 +146,21 @@ elif STORAGE == "s3":
         "file_overwrite": False,
         "verify": env.bool("S3_VERIFY_TLS", default=True),
     }
+    from botocore.config import Config as _S3Config
+
+    # A store that does not answer fails a request in seconds (503, try again), not minutes. (With
+    # a client_config, django-storages takes addressing style and signature version from it only.)
+    _s3_options["client_config"] = _S3Config(
+        s3={"addressing_style": _s3_options["addressing_style"]},
+        signature_version=_s3_options["signature_version"],
+        connect_timeout=env.float("S3_CONNECT_TIMEOUT", default=5.0),
+        read_timeout=env.float("S3_READ_TIMEOUT", default=30.0),
+        retries={"max_attempts": env.int("S3_MAX_ATTEMPTS", default=3), "mode": "standard"},
+    )
     _sse = env("S3_SERVER_SIDE_ENCRYPTION", default="")  # e.g. AES256 or aws:kms
     if _sse:
         _s3_options["object_parameters"] = {"ServerSideEncryption": _sse}
-    _media_storage = {"BACKEND": "melanoma_site.storage.PrivateS3Storage", "OPTIONS": _s3_options}
+    _media_storage = {"BACKEND": "melanoma_site.storage.s3.PrivateS3Storage", "OPTIONS": _s3_options}
 else:
     raise ImproperlyConfigured(f"STORAGE must be 'local' or 's3', not {STORAGE!r}.")
 STORAGES = {

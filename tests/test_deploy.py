@@ -112,5 +112,5 @@ def test_the_example_configuration_loads_with_s3_media_and_two_queues(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     backend, debug, analyses, heatmaps, default = json.loads(out.stdout.strip().splitlines()[-1])
-    assert backend == "melanoma_site.storage.PrivateS3Storage" and debug is False
+    assert backend == "melanoma_site.storage.s3.PrivateS3Storage" and debug is False
     assert analyses == {"queue": "analyses"} and heatmaps is None and default == "context"

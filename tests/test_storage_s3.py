@@ -190,18 +190,26 @@ def topology(s3, tmp_path_factory, django_db_setup, django_db_blocker):
 def on_s3(settings, s3, topology):
     """This test process (the test's own reads, the page views run through Django's test client)
     uses the same bucket, and its own MEDIA_ROOT that must stay empty too."""
-    settings.STORAGES = {**settings.STORAGES, "default": {
-        "BACKEND": "melanoma_site.storage.PrivateS3Storage",
-        "OPTIONS": {"bucket_name": s3["bucket"], "endpoint_url": s3["env"]["S3_ENDPOINT_URL"],
-                    "access_key": "test-key", "secret_key": "test-secret", "region_name": "us-east-1",
-                    "addressing_style": "path", "signature_version": "s3v4", "default_acl": "private",
-                    "file_overwrite": False}}}
+    settings.STORAGES = {**settings.STORAGES, "default": s3_storage(s3["env"]["S3_ENDPOINT_URL"], s3["bucket"])}
     settings.MEDIA_ROOT = topology["media"]["test"]
     # This process's messages go where the web's do: analyses to one queue, the rest to the other.
     settings.ANALYSIS_QUEUE = topology["queues"][0]
     restore = use_queue(topology["queues"][1])
     yield
     restore()
+
+
+def s3_storage(endpoint: str, bucket: str, **extra) -> dict:
+    from botocore.config import Config
+
+    return {"BACKEND": "melanoma_site.storage.s3.PrivateS3Storage",
+            "OPTIONS": {"bucket_name": bucket, "endpoint_url": endpoint, "access_key": "test-key",
+                        "secret_key": "test-secret", "region_name": "us-east-1", "default_acl": "private",
+                        "file_overwrite": False,
+                        "client_config": Config(s3={"addressing_style": "path"}, signature_version="s3v4",
+                                                connect_timeout=2, read_timeout=10,
+                                                retries={"max_attempts": 1, "mode": "standard"}),
+                        **extra}}
 
 
 def token_for(user) -> dict:
@@ -338,8 +346,9 @@ def test_storage_settings_refuse_an_incomplete_configuration(tmp_path, env, mess
 
 
 def test_s3_settings_come_from_the_environment(tmp_path):
-    code = ("import json, melanoma_site.settings as s; d = s.STORAGES['default']; "
-            "print(json.dumps([d['BACKEND'], d['OPTIONS'], s.ANALYSIS_QUEUE, s.CELERY_TASK_DEFAULT_QUEUE]))")
+    code = ("import json, melanoma_site.settings as s; d = s.STORAGES['default']; c = d['OPTIONS'].pop('client_config'); "
+            "print(json.dumps([d['BACKEND'], d['OPTIONS'], s.ANALYSIS_QUEUE, s.CELERY_TASK_DEFAULT_QUEUE, "
+            "[c.s3, c.signature_version, c.connect_timeout, c.retries]]))")
     env = {**os.environ, "VAR_DIR": str(tmp_path), "STORAGE": "s3", "S3_BUCKET": "b", "S3_REGION": "eu-west-1",
            "S3_ENDPOINT_URL": "http://minio:9000", "S3_ACCESS_KEY_ID": "k", "S3_SECRET_ACCESS_KEY": "s",
            "S3_SERVER_SIDE_ENCRYPTION": "AES256", "ANALYSIS_QUEUE": "analyses", "CELERY_QUEUE": "context"}
@@ -347,8 +356,9 @@ def test_s3_settings_come_from_the_environment(tmp_path):
 
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr
-    backend, options, analysis_q, default_q = json.loads(out.stdout.strip().splitlines()[-1])
-    assert backend == "melanoma_site.storage.PrivateS3Storage"
+    backend, options, analysis_q, default_q, client = json.loads(out.stdout.strip().splitlines()[-1])
+    assert client == [{"addressing_style": "path"}, "s3v4", 5.0, {"max_attempts": 3, "mode": "standard"}]
+    assert backend == "melanoma_site.storage.s3.PrivateS3Storage"
     assert options["bucket_name"] == "b" and options["endpoint_url"] == "http://minio:9000"
     assert options["default_acl"] == "private" and options["file_overwrite"] is False
     assert options["object_parameters"] == {"ServerSideEncryption": "AES256"}
@@ -386,3 +396,40 @@ def test_demo_seeding_stores_its_images_in_the_bucket(on_s3, s3, topology):
         assert {img.file.name, img.thumbnail.name} <= stored
         assert hashlib.sha256(s3_bytes(s3, img.file.name)).hexdigest() == img.sha256
     assert files_under(topology["media"]["test"]) == []
+
+
+def test_a_media_store_that_does_not_answer_gives_503_and_stores_nothing(on_s3, s3, settings, patient, clinician,
+                                                                       client):
+    """Uploads and media fetches answer 503 with Retry-After (not 500) while the store is down;
+    the upload leaves no row; a missing object is still a 404."""
+    from rest_framework.test import APIClient
+
+    from tests.worker_utils import make_image
+
+    lesion = LesionFactory(patient=patient)
+    img = make_image(lesion, seed=7)  # stored in the bucket while it answers
+    api = APIClient()
+    api.force_authenticate(clinician)
+    client.force_login(clinician)
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings.STORAGES = {**settings.STORAGES, "default": s3_storage(dead, s3["bucket"])}
+
+    resp = api.post("/api/v1/images/", {"lesion": lesion.pk, "image_type": "dermoscopic",
+                                         "acquired_on": "2025-04-01", "files": [ContentFile(jpeg_bytes(seed=8),
+                                                                                            name="a.jpg")]},
+                    format="multipart")
+    assert resp.status_code == 503, resp.content[:300]
+    assert resp.json()["code"] == "unavailable" and "Nothing was stored" in resp.json()["detail"]
+    assert resp["Retry-After"]
+    assert list(LesionImage.objects.filter(lesion=lesion)) == [img]
+
+    resp = api.get(f"/api/v1/images/{img.pk}/file/", HTTP_ACCEPT="image/*")
+    assert resp.status_code == 503 and resp.json()["code"] == "unavailable"
+    page = client.get(reverse("patients:image_thumbnail", args=[img.pk]))
+    assert page.status_code == 503 and page["Retry-After"]
+
+    # The store is back: the image is served; an object that is gone is a 404, not a 503.
+    settings.STORAGES = {**settings.STORAGES, "default": s3_storage(s3["env"]["S3_ENDPOINT_URL"], s3["bucket"])}
+    assert api.get(f"/api/v1/images/{img.pk}/file/", HTTP_ACCEPT="image/*").status_code == 200
+    s3["client"].delete_object(Bucket=s3["bucket"], Key=img.file.name)
+    assert api.get(f"/api/v1/images/{img.pk}/file/", HTTP_ACCEPT="image/*").status_code == 404
