@@ -11,7 +11,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
     list_filter = ["is_active", "validated", "architecture"]
     search_fields = ["name", "sha256"]
     readonly_fields = ["name", "architecture", "input_size", "sha256", "weights_path", "card", "metrics",
-                       "threshold", "validated", "context_model", "is_active", "installed_at"]
+                       "threshold", "validated", "context_model", "runtime_display", "is_active", "installed_at"]
+    exclude = ["runtime"]  # shown read-only, as a table, by runtime_display
     actions = ["activate"]
 
     @admin.display(description="ROC-AUC (95% CI)")
@@ -21,6 +22,15 @@ class ModelVersionAdmin(admin.ModelAdmin):
             return "–"
         ci = obj.roc_auc_ci
         return f"{auc:.3f}" + (f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else "")
+
+    @admin.display(description="Inference runtime (measured by the worker)")
+    def runtime_display(self, obj):
+        from django.template.loader import render_to_string
+        from django.utils.safestring import mark_safe
+
+        # The template escapes every value; the result is the page fragment the model card shows.
+        return mark_safe(render_to_string("inference/_runtime.html",
+                                          {"runtime": services.runtime_summary(model_version=obj)}))
 
     def has_add_permission(self, request):
         return False  # versions come from `manage.py install_model`, which validates the checkpoint

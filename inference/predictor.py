@@ -10,10 +10,12 @@ a combiner learnt on held-out predictions. Inference path (the same for the work
 ``Bundle.decode`` (``training.preprocessing.load_rgb`` once per member input size: JPEG draft mode,
 never a full-resolution decode) -> ``Bundle.predict_arrays`` (each member: its own normalisation,
 channels_last, flip TTA when its card says its metrics were measured with it; then the combiner)
-under ``torch.inference_mode()``. Precision per member is chosen by measurement on this machine
-(``training.runtime.choose_precision``: bf16 only where measured faster and within
-``ANALYSIS_BF16_TOLERANCE`` of fp32), decided once per process and model, logged and recorded in
-each analysis' timings.
+under ``torch.inference_mode()``. The runtime of each member (eager fp32, channels_last, bf16
+autocast, TorchScript freeze, int8, ONNX Runtime, OpenVINO...) is chosen by measurement on this
+machine (``training.runtime.choose_runtime``: the fastest within ``ANALYSIS_RUNTIME_TOLERANCE`` of the
+fp32 probabilities), once per model version and machine: the decision is recorded in
+``ModelVersion.runtime`` (``services.record_runtime``) and re-used by the next worker start on the
+same CPU, torch and threads. The worker loads and probes at start (``inference.warmup``).
 """
 from __future__ import annotations
 
@@ -28,8 +30,15 @@ import numpy as np
 import torch
 
 from training.ensemble import Bundle, load_bundle
-from training.runtime import DEFAULT_TOLERANCE as DEFAULT_BF16_TOLERANCE
-from training.runtime import bf16_available, choose_precision, probe_arrays  # noqa: F401 (re-exported)
+from training.runtime import DEFAULT_TOLERANCE as DEFAULT_BF16_TOLERANCE  # noqa: F401
+from training.runtime import (  # noqa: F401 (re-exported)
+    BUILDERS,
+    MemberRuntime,
+    bf16_available,
+    choose_runtime,
+    machine_key,
+    probe_arrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +102,26 @@ class Predictor:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, path, *, input_size: int | None = None, bf16: bool | None = None,
-                        tolerance: float | None = None, version_id: int | None = None) -> "Predictor":
+                        tolerance: float | None = None, version_id: int | None = None,
+                        runtime: str | list[str] | None = None, sha256: str = "",
+                        cached: dict | None = None, budget_s: float | None = None) -> "Predictor":
+        """Load a checkpoint or bundle and give its members their runtime.
+
+        Default: measured (``choose_runtime``; a ``cached`` decision for this machine is re-used).
+        ``runtime="<candidate>"`` (or one name per member): that runtime, no measuring
+        (``bf16=False`` is the eager fp32 reference, ``bf16=True`` bf16 autocast where the CPU has it)."""
         t0 = time.perf_counter()
         bundle = load_bundle(str(path), map_location="cpu").to_channels_last()
         if input_size and not bundle.is_ensemble:
             m = bundle.members[0]
             m.card = dict(m.card, input_size=int(input_size))
         pred = cls(bundle=bundle, version_id=version_id)
-        pred.decide_precision(bf16=bf16, tolerance=tolerance)
+        if runtime is None and bf16 is not None:
+            runtime = "bf16-autocast" if bf16 and bf16_available() else "eager-fp32"
+        if runtime is not None:
+            pred.use_runtime(runtime)
+        else:
+            pred.decide_runtime(tolerance=tolerance, sha256=sha256, cached=cached, budget_s=budget_s)
         pred.load_ms = (time.perf_counter() - t0) * 1000
         return pred
 
@@ -137,32 +158,45 @@ class Predictor:
 
     @property
     def use_bf16(self) -> bool:
-        return bool(self.bundle.amp)
+        return any(r.name == "bf16-autocast" for r in self.bundle.runtimes.values())
 
     @property
     def precision(self) -> str:
-        kinds = ["bf16" if i in self.bundle.amp else "fp32" for i in range(len(self.bundle.members))]
-        return kinds[0] if len(set(kinds)) == 1 else "+".join(kinds)
+        """The runtime each member runs with, "+"-joined when they differ (what analyses record)."""
+        return self.bundle.precision
 
     @property
-    def bf16_max_diff(self) -> float | None:
-        diffs = [r.get("max_abs_diff") for r in self.bundle.precision_report if "max_abs_diff" in r]
-        return max(diffs) if diffs else None
+    def runtime_decision(self) -> dict:
+        return self.bundle.runtime_decision
 
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.bundle.members]
 
-    def decide_precision(self, *, bf16: bool | None = None, tolerance: float | None = None) -> bool:
-        """bf16 autocast per member only where measured faster and within tolerance of fp32
-        (``bf16=False``: fp32; ``bf16=True``: bf16 wherever the CPU offers it natively)."""
-        force = "fp32" if bf16 is False else ("bf16" if bf16 is True and bf16_available() else None)
-        if bf16 is True and not bf16_available():
-            force = "fp32"
-        choice = choose_precision(self.bundle, force=force, tolerance=tolerance)
-        log.info("model %s: precision %s (%s)", self.version_id or "(checkpoint)", choice,
-                 self.bundle.precision_report)
-        return self.use_bf16
+    def use_runtime(self, name: str | list[str]) -> None:
+        """Run every member with the named runtime (or each member with its own: a list),
+        unmeasured (tests, validation, comparisons with what the worker chose)."""
+        names = [name] * len(self.bundle.members) if isinstance(name, str) else list(name)
+        if len(names) != len(self.bundle.members):
+            raise ValueError(f"{len(names)} runtimes for {len(self.bundle.members)} members")
+        for n in names:
+            if n not in BUILDERS:
+                raise ValueError(f"unknown runtime {n!r}; one of {sorted(BUILDERS)}")
+        self.bundle.runtimes = {i: MemberRuntime(n, BUILDERS[n](m.model, m.input_size))
+                                for i, (n, m) in enumerate(zip(names, self.bundle.members))}
+        self.bundle.runtime_decision = {"chosen": "+".join(names) if len(set(names)) > 1 else names[0],
+                                        "forced": True}
+
+    def decide_runtime(self, *, tolerance: float | None = None, sha256: str = "", cached: dict | None = None,
+                       **kwargs) -> dict:
+        """Measure the candidate runtimes per member and keep the fastest within tolerance (or
+        re-use ``cached`` when it was measured on this machine). Returns the decision."""
+        decision = choose_runtime(self.bundle, sha256=sha256, tolerance=tolerance, cached=cached, **kwargs)
+        self.bundle.runtime_decision = decision
+        log.info("model %s: runtime %s (%s in %.1fs)", self.version_id or "(checkpoint)", decision["chosen"],
+                 "re-used for this machine" if decision.get("reused") else "measured",
+                 decision.get("apply_s") or decision.get("probe_s") or 0)
+        return decision
 
     # ------------------------------------------------------------------ inference
     def load(self, source) -> dict:
@@ -205,28 +239,69 @@ _cache: dict[str, Predictor] = {}
 _cache_lock = threading.Lock()
 
 
+def _runtime_lock(model_root, sha: str):
+    """An exclusive file lock per weights file on this machine: two worker processes starting
+    together measure once (the second finds the first's recorded decision)."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def lock():
+        path = Path(model_root) / f".runtime-{(sha or 'unknown')[:16]}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+")
+        except OSError:  # read-only model folder: measure without the lock
+            yield
+            return
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
+
+    return lock()
+
+
 def predictor_for_version(version, *, model_root=None, tolerance: float | None = None) -> tuple[Predictor, bool]:
-    """The cached predictor of a ModelVersion (loaded once per process). Returns (predictor, loaded_now)."""
+    """The cached predictor of a ModelVersion (loaded once per process). Returns (predictor, loaded_now).
+
+    Loading also gives each member its runtime: the decision recorded in ``version.runtime`` for
+    this machine if there is one, else measured now and recorded (``services.record_runtime``)."""
     key = version.sha256 or str(version.pk)  # same weights file -> same predictor
     with _cache_lock:
         pred = _cache.get(key)
         if pred is not None:
             pred.version_id = version.pk
             return pred, False
-        if model_root is None:
-            from django.conf import settings
+        from django.conf import settings
 
+        if model_root is None:
             model_root = settings.MODEL_ROOT
-            if tolerance is None:
-                tolerance = getattr(settings, "ANALYSIS_BF16_TOLERANCE", None) or os.environ.get(
-                    "ANALYSIS_BF16_TOLERANCE") or None
+        if tolerance is None:
+            tolerance = getattr(settings, "ANALYSIS_RUNTIME_TOLERANCE", None)
         configure_threads()
         path = Path(model_root) / version.weights_path
-        pred = Predictor.from_checkpoint(path, input_size=version.input_size, tolerance=tolerance,
-                                         version_id=version.pk)
+        from .services import record_runtime, recorded_runtime
+
+        with _runtime_lock(model_root, version.sha256):
+            try:
+                version.refresh_from_db(fields=["runtime"])
+            except Exception:  # noqa: BLE001 -- an unsaved version (validation runs): nothing recorded
+                pass
+            cached = recorded_runtime(model_version=version, machine=machine_key(version.sha256))
+            pred = Predictor.from_checkpoint(path, input_size=version.input_size, tolerance=tolerance,
+                                             version_id=version.pk, sha256=version.sha256, cached=cached,
+                                             budget_s=getattr(settings, "ANALYSIS_RUNTIME_BUDGET_S", None))
+            if not pred.runtime_decision.get("reused"):
+                try:
+                    record_runtime(model_version=version, decision=pred.runtime_decision)
+                except Exception:  # noqa: BLE001 -- the choice still applies to this process
+                    log.exception("could not record the runtime decision of model version %s", version.pk)
         _cache.clear()  # one model in memory per worker process: a new active version replaces the old
         _cache[key] = pred
-        log.info("loaded model version %s (%s, %s px) from %s in %.0f ms, %s, %d torch threads",
+        log.info("loaded model version %s (%s, %s px) from %s in %.0f ms, runtime %s, %d torch threads",
                  version.pk, version.architecture, pred.bundle.input_sizes, path, pred.load_ms,
                  pred.precision, torch.get_num_threads())
         return pred, True

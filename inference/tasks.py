@@ -76,7 +76,7 @@ def load_model(version):
 
 
 def run_claimed(token: str, claimed, model=None) -> int:
-    """Decode, batch, infer and store the claimed analyses; enqueue the patients' re-scoring."""
+    """Decode, batch, infer and store the claimed analyses; then the patients' re-scoring."""
     from . import services
 
     version = claimed[0].model_version
@@ -132,12 +132,32 @@ def run_claimed(token: str, claimed, model=None) -> int:
                                       embedding=out.embeddings[i], timings=timings,
                                       member_probabilities=out.members_of(i) if pred.bundle.is_ensemble else None):
             patients.add(a.image.lesion.patient_id)
-    for patient_id in sorted(patients):
-        transaction.on_commit(lambda p=patient_id: rescore_patient.delay(p, version.pk))
+    rescore_after_analysis(sorted(patients), version.pk)
     # Explanation heatmaps come after the scores, as their own tasks: they never delay a score.
     for a in ok:
         services.queue_heatmap(analysis_id=a.pk)
     return n
+
+
+def rescore_after_analysis(patient_ids, model_version_id: int) -> None:
+    """The patients' context re-scoring after their analyses were stored (committed: the task runs
+    in autocommit). Few patients (ANALYSIS_INLINE_RESCORE_MAX, the usual single upload): right here,
+    in this task, so the final score does not wait for a second trip through the queue; more (a
+    burst, a re-analysis): one ``rescore_patient`` task each. Re-scoring is idempotent, so a failure
+    here falls back to the task."""
+    from .context import rescore_patient as rescore
+
+    inline = len(patient_ids) <= int(getattr(settings, "ANALYSIS_INLINE_RESCORE_MAX", 4))
+    for patient_id in patient_ids:
+        if inline:
+            try:
+                rescore(patient_id=patient_id, model_version_id=model_version_id)
+                continue
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception:  # noqa: BLE001 -- the task retries it on its own
+                log.exception("inline re-scoring of patient %s failed; queued as a task", patient_id)
+        transaction.on_commit(lambda p=patient_id: rescore_patient.delay(p, model_version_id))
 
 
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,

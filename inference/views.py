@@ -8,7 +8,7 @@ from django.views.decorators.http import require_GET, require_safe
 from patients.media import serve_stored_file
 from patients.selectors import visible_images, visible_patients
 
-from . import selectors
+from . import selectors, services
 from .models import Analysis, ModelVersion
 
 
@@ -46,7 +46,8 @@ def model_version_detail(request, pk):
     """One model card: members, combiner, per-source held-out metrics, calibration, threshold,
     data provenance and the validation status."""
     version = get_object_or_404(ModelVersion, pk=pk)
-    return render(request, "inference/model_version_detail.html", {"v": version})
+    return render(request, "inference/model_version_detail.html",
+                  {"v": version, "runtime": services.runtime_summary(model_version=version)})
 
 
 def get_visible_analysis(user, pk) -> Analysis:

@@ -2,6 +2,7 @@
 import os
 
 from celery import Celery
+from celery.signals import worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "melanoma_site.settings")
 
@@ -22,3 +23,11 @@ def route_task(name, args, kwargs, options, task=None, **kw):
     setting = QUEUE_SETTINGS.get(name)
     queue = getattr(settings, setting, "") if setting else ""
     return {"queue": queue} if queue else None
+
+
+@worker_init.connect(weak=False)
+def _install_model_warmup(**kwargs):
+    """Worker processes load and probe the model at start, not on the first upload (inference.warmup)."""
+    from inference.warmup import install
+
+    install()

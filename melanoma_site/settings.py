@@ -280,6 +280,19 @@ ANALYSIS_TIME_LIMIT = env.int("ANALYSIS_TIME_LIMIT", default=360)
 ANALYSIS_HEATMAPS = env.bool("ANALYSIS_HEATMAPS", default=True)
 # bf16 inference is used only where it stays this close to fp32 on a probe batch.
 ANALYSIS_BF16_TOLERANCE = env.float("ANALYSIS_BF16_TOLERANCE", default=0.01)
+# Inference runtime per member, chosen by measurement at worker start (training.runtime): the
+# fastest candidate whose probabilities stay within this max |dp| of eager fp32 on a probe batch.
+ANALYSIS_RUNTIME_TOLERANCE = env.float("ANALYSIS_RUNTIME_TOLERANCE", default=ANALYSIS_BF16_TOLERANCE)
+# Seconds the whole probe may take (every member, every candidate); the decision is recorded per
+# machine, so a restart on the same CPU re-uses it.
+ANALYSIS_RUNTIME_BUDGET_S = env.float("ANALYSIS_RUNTIME_BUDGET_S", default=30.0)
+# Load and probe the active model version when a worker process starts (inference.warmup).
+ANALYSIS_WARMUP = env.bool("ANALYSIS_WARMUP", default=True)
+# Re-score the patient context in the analysing task itself (no second round trip through the
+# queue) when a batch touches at most this many patients; more are queued as their own tasks.
+ANALYSIS_INLINE_RESCORE_MAX = env.int("ANALYSIS_INLINE_RESCORE_MAX", default=4)
+# A prefork child loads and probes the model before it takes tasks: give it time to report alive.
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = env.float("CELERY_WORKER_PROC_ALIVE_TIMEOUT", default=180.0)
 # Threads torch uses in a worker process: env WORKER_THREADS (default: the CPUs given to it).
 CELERY_BEAT_SCHEDULE = {
     "sweep-stale-analyses": {

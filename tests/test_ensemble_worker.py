@@ -8,7 +8,7 @@ from inference.models import Analysis
 from tests.test_inference_worker import (  # noqa: F401 (module fixtures)
     _shared_dirs, api, done, lesion, upload, worker, worker_env,
 )
-from tests.worker_utils import jpeg_bytes, register_version, tiny_ensemble, wait_for
+from tests.worker_utils import jpeg_bytes, register_version, tiny_ensemble, wait_for, worker_runtimes
 
 pytestmark = [pytest.mark.worker, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -22,8 +22,11 @@ def test_ensemble_upload_is_scored_by_every_member(worker, api, lesion, tmp_path
     wait_for(lambda: done(images, version), timeout=120, message="2 ensemble analyses done", worker=worker)
     rows = {a.image_id: a for a in Analysis.objects.filter(image__in=images, model_version=version)}
     assert all(a.status == "done" for a in rows.values()), [a.error for a in rows.values()]
-    bf16 = {a.timings["precision"] for a in rows.values()} != {"fp32"}
-    direct = Predictor.from_checkpoint(path, bf16=False).predict_files([img.file.path for img in images])
+    runtimes = worker_runtimes(version)  # each member's measured runtime, recorded with the version
+    assert {a.timings["precision"] for a in rows.values()} == {"+".join(runtimes) if len(set(runtimes)) > 1
+                                                               else runtimes[0]}
+    bf16 = "bf16-autocast" in runtimes
+    direct = Predictor.from_checkpoint(path, runtime=runtimes).predict_files([img.file.path for img in images])
     for k, img in enumerate(images):
         a = rows[img.pk]
         assert set(a.member_probabilities) == {"efficientnet_lite0", "se_resnet50"}

@@ -123,6 +123,8 @@ class Worker:
             "MODEL_ROOT": str(model_root),
             "VAR_DIR": str(self.workdir / "var"),
             "WORKER_THREADS": "1",
+            # The runtime probe at the first load of a version stays short in tests.
+            "ANALYSIS_RUNTIME_BUDGET_S": "8",
             "ANALYSIS_STALE_SECONDS": "300",
             "ANALYSIS_SWEEP_INTERVAL": "60",
             "PYTHONUNBUFFERED": "1",
@@ -275,6 +277,12 @@ def tiny_ckpt(tmp_path_factory):
         tiny_checkpoint(tmp)
         tmp.replace(path)
     return path
+
+
+def worker_runtimes(version) -> list[str]:
+    """The runtime per member the worker chose and recorded for ``version`` (ModelVersion.runtime)."""
+    version.refresh_from_db(fields=["runtime"])
+    return [m["chosen"] for m in version.runtime["latest"]["members"]]
 
 
 def register_version(checkpoint: Path, *, active=True, name=None, **extra):

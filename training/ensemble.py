@@ -73,8 +73,10 @@ class Bundle:
     bias: float
     embedding_member: int
     card: dict
-    amp: dict = field(default_factory=dict)  # member index -> autocast dtype (None: fp32)
-    precision_report: list = field(default_factory=list)  # what training.runtime measured
+    # member index -> training.runtime.MemberRuntime (the runtime measured fastest within tolerance
+    # on this machine); a member without one runs eagerly in fp32 (channels_last).
+    runtimes: dict = field(default_factory=dict)
+    runtime_decision: dict = field(default_factory=dict)  # what training.runtime measured and chose
 
     # ----------------------------------------------------------------- description
     @property
@@ -112,11 +114,27 @@ class Bundle:
         z = self.bias + np.asarray(member_logits, dtype=np.float64) @ self.weights.astype(np.float64)
         return z, 1.0 / (1.0 + np.exp(-z))
 
+    @property
+    def precision(self) -> str:
+        """The runtime each member runs with ("eager-fp32" until one was chosen), "+"-joined when
+        the members differ."""
+        kinds = [self.runtimes[i].name if i in self.runtimes else "eager-fp32" for i in range(len(self.members))]
+        return kinds[0] if len(set(kinds)) == 1 else "+".join(kinds)
+
+    def normalise(self, member: Member, arrays: np.ndarray) -> torch.Tensor:
+        return to_batch(arrays, member.normalisation)
+
     @torch.inference_mode()
     def member_forward(self, i: int, arrays: np.ndarray, amp=None):
-        """One member on a batch of uint8 arrays at its input size: (logits, embeddings) float32."""
+        """One member on a batch of uint8 arrays at its input size: (logits, embeddings) float32,
+        through its chosen runtime (flips of the TTA in one batch), or eagerly with ``amp`` autocast
+        when given (the reference path)."""
+        from .runtime import tta_forward
+
         m = self.members[i]
         x = to_batch(arrays, m.normalisation)
+        if amp is None and i in self.runtimes:
+            return tta_forward(self.runtimes[i].forward, x, m.tta)
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             lo, em = m.model.forward_tta(x, tta=m.tta)
         return lo.float().numpy(), em.float().numpy()
@@ -135,7 +153,7 @@ class Bundle:
                 raise ValueError(f"{len(arr)} images at {m.input_size}px but {n} at another size")
             for s in tqdm(range(0, n, batch_size), disable=not progress, desc=f"member {m.name}",
                           mininterval=30):
-                lo, em = self.member_forward(i, arr[s:s + batch_size], self.amp.get(i))
+                lo, em = self.member_forward(i, arr[s:s + batch_size])
                 mlog[s:s + batch_size, i] = lo
                 if i == self.embedding_member:
                     emb[s:s + batch_size] = em

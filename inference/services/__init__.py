@@ -14,12 +14,14 @@ from .claims import (claim_analyses, complete_analysis, fail_analysis, fail_heat
 from .queueing import (active_model_version, heatmaps_enabled, queue_analyses, queue_heatmap, queue_missing,
                        queue_rescore, requeue_images, sweep_stale)
 from .versions import (ModelInstallError, activate_model_version, deactivate_model_version,
-                       install_model_version, replace_context_model, validate_checkpoint)
+                       install_model_version, record_runtime, recorded_runtime, replace_context_model,
+                       runtime_summary, validate_checkpoint)
 
 __all__ = [
     "ModelInstallError", "activate_model_version", "active_model_version", "claim_analyses",
     "complete_analysis", "deactivate_model_version", "fail_analysis", "fail_heatmap", "heatmap_to_compute",
     "heatmaps_enabled", "install_model_version", "queue_analyses", "queue_heatmap", "queue_missing",
-    "queue_rescore", "release_claim", "replace_context_model", "requeue_images", "store_heatmap",
+    "queue_rescore", "record_runtime", "recorded_runtime", "release_claim", "replace_context_model",
+    "runtime_summary", "requeue_images", "store_heatmap",
     "sweep_stale", "validate_checkpoint", "version_to_run",
 ]

@@ -26,6 +26,61 @@ class ModelInstallError(Exception):
     """A checkpoint that cannot be installed; the message says why."""
 
 
+# ----------------------------------------------------------------------------- runtime decisions
+RUNTIME_MACHINES_KEPT = 4
+
+
+def recorded_runtime(*, model_version: ModelVersion, machine: dict) -> dict | None:
+    """The runtime decision recorded for this version on this machine (same weights, CPU, threads,
+    libraries: ``training.runtime.machine_key``), or None (the worker measures)."""
+    rt = model_version.runtime or {}
+    for decision in [rt.get("latest"), *(rt.get("other_machines") or [])]:
+        if isinstance(decision, dict) and decision.get("machine") == machine:
+            return decision
+    return None
+
+
+def record_runtime(*, model_version: ModelVersion, decision: dict) -> dict:
+    """Record the worker's measured runtime choice (per member: every candidate's ms per image,
+    max |dp| against fp32, accepted or rejected and why) in ``ModelVersion.runtime``.
+
+    The newest decision is ``latest`` (what the admin and model card show); decisions of up to
+    RUNTIME_MACHINES_KEPT - 1 other machines are kept so workers on different CPUs each re-use
+    their own. Locked read-modify-write: two workers recording at once lose nothing."""
+    if not isinstance(decision, dict) or "machine" not in decision or "members" not in decision:
+        raise ValueError("a runtime decision needs 'machine' and 'members'")
+    decision = {k: v for k, v in decision.items() if k not in ("reused", "apply_s")}
+    with transaction.atomic():
+        row = ModelVersion.objects.select_for_update().only("pk", "runtime").get(pk=model_version.pk)
+        rt = row.runtime or {}
+        others = [d for d in [rt.get("latest"), *(rt.get("other_machines") or [])]
+                  if isinstance(d, dict) and d.get("machine") != decision["machine"]]
+        runtime = {"latest": decision, "other_machines": others[:RUNTIME_MACHINES_KEPT - 1]}
+        ModelVersion.objects.filter(pk=row.pk).update(runtime=runtime)
+    model_version.runtime = runtime
+    log.info("model version %s: runtime %s recorded (%s)", model_version.name, decision.get("chosen"),
+             decision["machine"].get("cpu"))
+    return runtime
+
+
+def runtime_summary(*, model_version: ModelVersion) -> dict | None:
+    """What the admin and the model card show of the latest runtime decision: the machine, the
+    chosen runtime per member and every candidate's figures. None before a worker measured."""
+    d = (model_version.runtime or {}).get("latest")
+    if not isinstance(d, dict):
+        return None
+    machine = d.get("machine") or {}
+    return {
+        "chosen": d.get("chosen"), "measured_at": d.get("measured_at"), "probe_s": d.get("probe_s"),
+        "tolerance": d.get("tolerance"), "cpu": machine.get("cpu"), "threads": machine.get("threads"),
+        "versions": machine.get("versions") or {}, "bf16": machine.get("bf16"), "cpu_flags": d.get("cpu_flags") or [],
+        "members": [{"member": m.get("member"), "input_size": m.get("input_size"), "chosen": m.get("chosen"),
+                     "speedup_vs_fp32": m.get("speedup_vs_fp32"), "timed_batch": m.get("timed_batch"),
+                     "embedding_tolerance": m.get("embedding_tolerance"),
+                     "candidates": [c for c in m.get("candidates") or [] if isinstance(c, dict)]}
+                    for m in d.get("members") or [] if isinstance(m, dict)],
+        "other_machines": len((model_version.runtime or {}).get("other_machines") or []),
+    }
 
 
 
