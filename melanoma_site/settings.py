@@ -253,6 +253,9 @@ else:
         "processed_folder": str(_broker / "processed"),
         "store_processed": False,
         "control_folder": str(_broker / "control"),
+        # The file broker is polled (Redis pushes): 1 s by default, i.e. up to a second of every
+        # upload's wait. A tenth of a second costs nothing measurable on an idle worker.
+        "polling_interval": env.float("CELERY_FILE_BROKER_POLL", default=0.1),
     }
 CELERY_TASK_DEFAULT_QUEUE = env("CELERY_QUEUE", default="melanoma")
 # Queues: every task goes to CELERY_QUEUE, except the model analyses when ANALYSIS_QUEUE names a
