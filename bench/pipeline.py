@@ -143,7 +143,7 @@ def main():
 
         doctor = patient_services_user()
         patient = Patient.objects.order_by("pk").first()
-        api = APIClient()
+        api = APIClient(HTTP_HOST="127.0.0.1")  # in process: no socket
         api.force_authenticate(doctor)
 
         def upload(seed):
