@@ -5,6 +5,7 @@ file-system Celery broker under ``var/broker`` so a first run needs no server. P
 ``DATABASE_URL`` (PostgreSQL), ``REDIS_URL``, ``SECRET_KEY``, ``ALLOWED_HOSTS`` and ``DEBUG=false``.
 """
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -50,6 +51,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "auditlog",
+    "axes",
     "patients",
     "inference",
 ]
@@ -65,6 +67,15 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "auditlog.middleware.AuditlogMiddleware",
     "melanoma_site.storage.StorageUnavailableMiddleware",  # media store down: 503, not 500
+    "melanoma_site.security.ContentSecurityPolicyMiddleware",
+    # Last, as django-axes requires: turns a refused login into the lockout page.
+    "axes.middleware.AxesMiddleware",
+]
+
+# django-axes first: it refuses a locked-out account or address before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "melanoma_site.urls"
@@ -197,10 +208,11 @@ DEMO_MODEL_DIR = BASE_DIR / "models" / "demo"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "melanoma_site.throttling.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # IsAuthenticated that counts refused anonymous requests per address (scope "anon").
+    "DEFAULT_PERMISSION_CLASSES": ["melanoma_site.throttling.IsAuthenticated"],
     # The API contract (melanoma_site/api/): one error format, strict query parameters, page_size
     # up to a maximum, ordering that refuses unknown fields, every status code in the schema.
     "DEFAULT_PAGINATION_CLASS": "melanoma_site.api.Pagination",
@@ -213,6 +225,15 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "melanoma_site.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "melanoma_site.api.schema.ContractAutoSchema",
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    # Per token/user here; per address for requests without valid credentials in the
+    # authenticators above. Rates read at request time from API_THROTTLE_RATES.
+    "DEFAULT_THROTTLE_CLASSES": ["melanoma_site.throttling.UserThrottle"],
+}
+# Requests per period ("N/second|minute|hour|day"); an empty value turns that throttle off. A 429
+# answers in the API's error format with Retry-After.
+API_THROTTLE_RATES = {
+    "user": env("API_THROTTLE_USER", default="600/minute") or None,
+    "anon": env("API_THROTTLE_ANON", default="60/minute") or None,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Melanoma Records API",
@@ -304,12 +325,66 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# Shared cache (API throttling counters): Redis when REDIS_URL is set, so every web process counts
+# the same requests; else memory of the one process.
+CACHES = {
+    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
+                "KEY_PREFIX": "melanoma"}
+    if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+}
+
+# ---------------------------------------------------------------------------------- security
+# One production switch: HTTPS=true (the site is served over HTTPS, usually behind a proxy that
+# terminates TLS) turns on HSTS, the redirect to HTTPS, secure session and CSRF cookies and trust in
+# the proxy's X-Forwarded-Proto. `manage.py check --deploy` is clean with DEBUG=false, a real
+# SECRET_KEY, ALLOWED_HOSTS and HTTPS=true (README, "Security and production configuration").
+HTTPS = env.bool("HTTPS", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=HTTPS)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=HTTPS)
+# Only behind a proxy that sets X-Forwarded-Proto itself (and strips the client's): BEHIND_PROXY.
+if env.bool("BEHIND_PROXY", default=HTTPS):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SESSION_COOKIE_HTTPONLY = True
-SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=False)
+SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=HTTPS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 SECURE_REFERRER_POLICY = "same-origin"
+
+# Content-Security-Policy (melanoma_site/security.py): every script and style sheet is a vendored
+# static file of this site; no inline script anywhere. The vendor interfaces (admin, browsable API,
+# Swagger UI) also get inline styles, which their templates use.
+CONTENT_SECURITY_POLICY = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:", "blob:"],
+    "font-src": ["'self'"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'self'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
+CSP_INLINE_STYLE_PATHS = ["/admin/", "/api/"]
+CSP_REPORT_ONLY = env.bool("CSP_REPORT_ONLY", default=False)
+
+# Login lockout (django-axes): after AXES_FAILURE_LIMIT failed logins for one account, or from one
+# address, that account / address is refused for AXES_COOLOFF_MINUTES (the lockout page says so);
+# staff unlock it early in the admin (Axes > Access attempts: delete, or `manage.py axes_reset`).
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.float("AXES_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # each on its own
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "melanoma_site.security.lockout_response"
+AXES_HTTP_RESPONSE_CODE = 429
+AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+# Behind a proxy the client address is the last one it appends to X-Forwarded-For.
+AXES_IPWARE_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0) or None
+if AXES_IPWARE_PROXY_COUNT:
+    AXES_IPWARE_META_PRECEDENCE_ORDER = ["HTTP_X_FORWARDED_FOR", "REMOTE_ADDR"]
 
 LOGGING = {
     "version": 1,

@@ -11,6 +11,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 def _test_settings(settings, tmp_path):
     """Every test writes media and models into its own temporary folder, and hashes fast."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    # API throttling stays on (the code path runs) but far above what any test sends; the
+    # throttling tests set their own low rates.
+    settings.API_THROTTLE_RATES = {"user": "100000/minute", "anon": "100000/minute"}
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.MODEL_ROOT = tmp_path / "models"
     # Tests do not run collectstatic: serve static files without the hashed manifest.

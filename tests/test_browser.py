@@ -52,9 +52,33 @@ def browser_page(live_server, monkeypatch):
             context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=live_server.url)
             page = context.new_page()
             page.set_default_timeout(15_000)
+            page.csp_violations = record_csp_violations(page)
             yield page
         finally:
             browser.close()
+    # Every page a browser test opened satisfied the Content-Security-Policy.
+    assert page.csp_violations == []
+
+
+# Chromium reports each blocked inline script/style or foreign source to the console, and the page
+# fires a securitypolicyviolation event; the init script (not subject to the page's policy) turns
+# the event into a console error too, so neither way of noticing is missed.
+CSP_LISTENER = """
+document.addEventListener('securitypolicyviolation', e => console.error(
+  'CSP violation: ' + e.violatedDirective + ' blocked ' + (e.blockedURI || 'inline') + ' at ' + e.documentURI));
+"""
+
+
+def record_csp_violations(page) -> list[str]:
+    violations: list[str] = []
+    page.context.add_init_script(CSP_LISTENER)
+
+    def on_console(message):
+        if "Content Security Policy" in message.text or message.text.startswith("CSP violation"):
+            violations.append(f"{page.url}: {message.text}")
+
+    page.on("console", on_console)
+    return violations
 
 
 def test_clinician_creates_patient_and_lesion_and_uploads_three_images(live_server, clinician_account,

@@ -325,3 +325,79 @@ def test_clinicians_day_queue_review_compare_report(live_server, day_records, br
     page.screenshot(path=str(shots / "phone-patient.png"), full_page=True)
     page.goto(url + "/patients/")
     page.screenshot(path=str(shots / "phone-worklist.png"), full_page=True)
+
+
+
+@pytest.fixture
+def csp_records(transactional_db):
+    """A patient with two lesions, analysed images and a staff account (no heatmaps: quick)."""
+    from django.conf import settings
+
+    from tests.factories import StaffFactory
+    from tests.worker_utils import register_version
+
+    clinician = UserFactory(username="dr_day", first_name="Dana", last_name="Day")
+    team = CareTeamFactory(name="Dermatology CSP", members=[clinician])
+    StaffFactory(username="admin_day")
+    v = register_version(Path(settings.BASE_DIR) / "models" / "demo-v2" / "model.pt", name="demo-csp",
+                         threshold=0.408)
+    ada = PatientFactory(mrn="CSP-001", name="Ada Lovelace", care_team=team, birth_date=datetime.date(1961, 12, 10))
+    back = LesionFactory(patient=ada, label="L1 upper back", anatomic_site="Trunk:Posterior trunk:Upper back",
+                         body_map_x=0.77, body_map_y=0.24)
+    calf = LesionFactory(patient=ada, label="L2 left calf", anatomic_site="Lower extremity",
+                         body_map_x=0.79, body_map_y=0.83)
+    _stored_image(back, day=datetime.date(2025, 3, 4), seed=31, probability=0.22, version=v)
+    second = _stored_image(back, day=datetime.date(2026, 5, 19), seed=31, probability=0.71, version=v, shift=60)
+    _stored_image(calf, day=datetime.date(2026, 5, 19), seed=32, probability=0.12, version=v)
+    return {"ada": ada, "back": back, "second": second, "version": v}
+
+
+def test_main_pages_report_no_content_security_policy_violation(live_server, csp_records, browser_page):
+    """The pages (the site's, the admin, the browsable API, Swagger UI, the lockout page) load their
+    scripts and styles under the Content-Security-Policy without one violation. The fixture records
+    every violation the browser reports and fails the test if there is any."""
+    from playwright.sync_api import expect
+
+    page, url = browser_page, live_server.url
+    ada, back, second, version = (csp_records[k] for k in ("ada", "back", "second", "version"))
+    assert "script-src 'self'" in page.request.get(url + "/accounts/login/").headers["content-security-policy"]
+    _login(page, url)
+    expect(page.get_by_role("heading", name="Worklist")).to_be_visible()
+    for path in ("/patients/", "/patients/review/", "/patients/follow-ups/", "/patients/new/",
+                 f"/patients/{ada.pk}/", f"/patients/{ada.pk}/edit/", f"/patients/{ada.pk}/lesions/new/",
+                 f"/patients/lesions/{back.pk}/", f"/patients/lesions/{back.pk}/edit/",
+                 f"/patients/lesions/{back.pk}/compare/", f"/patients/images/{second.pk}/view/",
+                 "/analyses/models/", f"/analyses/models/{version.pk}/"):
+        page.goto(url + path)
+        page.wait_for_load_state("networkidle")
+    # The styled analysis result and the context chart render from the style sheet alone.
+    page.goto(f"{url}/patients/lesions/{back.pk}/")
+    score = page.locator(".analysis-result .score").first
+    assert score.evaluate("e => getComputedStyle(e).borderTopLeftRadius") == "4px"
+    page.goto(url + "/api/v1/docs/")
+    expect(page.locator(".swagger-ui .info")).to_be_visible()
+    page.goto(url + "/api/v1/patients/?format=api")
+    expect(page.locator(".response-info")).to_be_visible()
+    page.context.clear_cookies()
+
+    page.goto(url + "/admin/login/")
+    page.fill("#id_username", "admin_day")
+    page.fill("#id_password", PASSWORD)
+    page.locator("input[type=submit]").click()
+    expect(page.locator("#site-name")).to_be_visible()
+    for path in ("/admin/", "/admin/patients/lesionimage/", f"/admin/patients/lesionimage/{second.pk}/change/",
+                 f"/admin/patients/lesion/{back.pk}/change/", "/admin/auth/user/", "/admin/axes/accessattempt/"):
+        page.goto(url + path)
+        page.wait_for_load_state("networkidle")
+    thumb = page.goto(url + f"/admin/patients/lesionimage/{second.pk}/change/") and page.locator("img.admin-thumb").first
+    assert thumb.evaluate("e => getComputedStyle(e).maxWidth") == "256px"
+    page.context.clear_cookies()
+
+    # Last (it locks this address): five wrong passwords, then the lockout page.
+    page.goto(url + "/accounts/login/")
+    for _ in range(5):
+        page.fill("#id_username", "dr_day")
+        page.fill("#id_password", "wrong password")
+        page.get_by_role("button", name="Log in").click()
+        page.wait_for_load_state()
+    expect(page.get_by_role("heading", name="Login temporarily locked")).to_be_visible()

@@ -1,0 +1,270 @@
+"""Hardening of login, API and deployment (issue 12): login lockout (django-axes), API throttling,
+the Content-Security-Policy header, the HTTPS production switch with a clean `check --deploy`, and
+API answers that are never a 500 or an existence oracle."""
+import datetime
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from axes.models import AccessAttempt
+from django.urls import reverse
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from patients import services
+from tests.factories import LesionFactory, PatientFactory, UserFactory, image_bytes, uploaded
+
+API = "/api/v1"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def image(clinician, patient):
+    lesion = LesionFactory(patient=patient)
+    [outcome] = services.upload_images(user=clinician, lesion=lesion, files=[uploaded(image_bytes(seed=3))],
+                                       image_type="dermoscopic", acquired_on=datetime.date(2025, 1, 2))
+    return outcome.image
+
+
+def token_client(user) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+# --- format suffixes on the image file routes ---------------------------------------------------
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("route", ["file", "thumbnail"])
+@pytest.mark.parametrize("suffix", [".json", ".api", ".jpeg", ".xyz"])
+def test_image_file_routes_with_a_format_suffix_are_not_found_not_server_errors(clinician, image, route, suffix):
+    response = token_client(clinician).get(f"{API}/images/{image.pk}/{route}{suffix}/")
+    assert response.status_code == 404, response.content[:300]
+    assert response["Content-Type"].startswith("application/json")
+    assert response.json()["code"] == "not_found"
+
+
+
+# --- login lockout (django-axes) ----------------------------------------------------------------
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def account(db):
+    return UserFactory(username="locked_clinician", password=PASSWORD)
+
+
+def login(client, username, password, *, admin=False, address="10.0.0.1"):
+    url = reverse("admin:login") if admin else reverse("login")
+    return client.post(url, {"username": username, "password": password}, REMOTE_ADDR=address)
+
+
+def logged_in(client) -> bool:
+    return "_auth_user_id" in client.session
+
+
+@pytest.mark.django_db
+def test_five_wrong_passwords_lock_the_account_with_a_clear_page_even_for_the_right_password(client, account, settings):
+    assert settings.AXES_FAILURE_LIMIT == 5
+    for _ in range(4):
+        assert login(client, account.username, "wrong").status_code == 200  # the form again, with its error
+    locked = login(client, account.username, "wrong")
+    assert locked.status_code == 429
+    page = locked.content.decode()
+    assert "Login temporarily locked" in page and "15 minutes" in page and "administrator" in page
+    right = login(client, account.username, PASSWORD)
+    assert right.status_code == 429 and not logged_in(client)
+
+
+@pytest.mark.django_db
+def test_lockout_is_per_account_across_addresses(client, account):
+    for n in range(5):
+        login(client, account.username, "wrong", address=f"10.0.1.{n}")
+    assert login(client, account.username, PASSWORD, address="10.0.2.1").status_code == 429
+    assert not logged_in(client)
+
+
+@pytest.mark.django_db
+def test_lockout_is_per_address_across_accounts(client, account):
+    for n in range(5):
+        login(client, f"guess{n}", "wrong", address="10.0.3.3")
+    assert login(client, account.username, PASSWORD, address="10.0.3.3").status_code == 429
+    assert not logged_in(client)
+    # The same account from another address is not locked: only that address is.
+    assert login(client, account.username, PASSWORD, address="10.0.3.4").status_code == 302
+    assert logged_in(client)
+
+
+@pytest.mark.django_db
+def test_admin_login_is_locked_too_with_the_same_page(client, account):
+    account.is_staff = True
+    account.save()
+    for _ in range(5):
+        login(client, account.username, "wrong", admin=True)
+    response = login(client, account.username, PASSWORD, admin=True)
+    assert response.status_code == 429 and "Login temporarily locked" in response.content.decode()
+    # And the site's login refuses the account as well.
+    assert login(client, account.username, PASSWORD, address="10.9.9.9").status_code == 429
+
+
+@pytest.mark.django_db
+def test_fewer_failures_then_success_resets_the_count(client, account):
+    for _ in range(4):
+        login(client, account.username, "wrong")
+    assert login(client, account.username, PASSWORD).status_code == 302
+    client.logout()
+    for _ in range(4):
+        login(client, account.username, "wrong")
+    assert login(client, account.username, PASSWORD).status_code == 302
+
+
+@pytest.mark.django_db
+def test_lockout_ends_after_the_cool_off(client, account):
+    for _ in range(5):
+        login(client, account.username, "wrong")
+    assert login(client, account.username, PASSWORD).status_code == 429
+    # Age the recorded failures past the 15 minute cool-off instead of waiting for it.
+    from django.utils import timezone
+    AccessAttempt.objects.update(attempt_time=timezone.now() - datetime.timedelta(minutes=16))
+    assert login(client, account.username, PASSWORD).status_code == 302
+
+
+@pytest.mark.django_db
+def test_staff_unlock_an_account_in_the_admin(client, account, staff):
+    for _ in range(5):
+        login(client, account.username, "wrong")
+    assert login(client, account.username, PASSWORD).status_code == 429
+    admin_client = type(client)()
+    admin_client.force_login(staff)
+    listing = admin_client.get(reverse("admin:axes_accessattempt_changelist"))
+    assert listing.status_code == 200 and account.username in listing.content.decode()
+    ids = list(AccessAttempt.objects.values_list("pk", flat=True))
+    response = admin_client.post(reverse("admin:axes_accessattempt_changelist"),
+                                 {"action": "delete_selected", "_selected_action": ids, "post": "yes"})
+    assert response.status_code == 302
+    assert not AccessAttempt.objects.exists()
+    assert login(client, account.username, PASSWORD).status_code == 302
+
+
+# --- API throttling -----------------------------------------------------------------------------
+
+@pytest.fixture
+def low_rates(settings):
+    from django.core.cache import cache
+    settings.API_THROTTLE_RATES = {"user": "3/minute", "anon": "2/minute"}
+    yield settings.API_THROTTLE_RATES
+    cache.delete_many([f"throttle_anon_{address}" for address in ("10.1.0.1", "10.1.0.2", "10.1.0.3")])
+
+
+def assert_throttled(response):
+    assert response.status_code == 429, response.content[:300]
+    body = response.json()
+    assert body["code"] == "throttled" and body["errors"] == {}
+    assert int(response["Retry-After"]) > 0
+
+
+@pytest.mark.django_db
+def test_token_requests_over_the_user_rate_get_429_in_the_error_format(low_rates, clinician):
+    from django.core.cache import cache
+    cache.delete(f"throttle_user_{clinician.pk}")
+    client = token_client(clinician)
+    for _ in range(3):
+        assert client.get(f"{API}/patients/").status_code == 200
+    assert_throttled(client.get(f"{API}/patients/"))
+    cache.delete(f"throttle_user_{clinician.pk}")
+
+
+@pytest.mark.django_db
+def test_requests_without_credentials_are_throttled_per_address(low_rates):
+    client = APIClient()
+    for _ in range(2):
+        assert client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.1").status_code == 401
+    assert_throttled(client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.1"))
+    # Another address has its own count.
+    assert client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.2").status_code == 401
+
+
+@pytest.mark.django_db
+def test_wrong_tokens_are_throttled_per_address(low_rates):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Token " + "0" * 40)
+    for _ in range(2):
+        assert client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.3").status_code == 401
+    assert_throttled(client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.3"))
+
+
+@pytest.mark.django_db
+def test_the_schema_documents_429(clinician):
+    client = token_client(clinician)
+    schema = client.get(f"{API}/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json").json()
+    assert "429" in schema["paths"]["/api/v1/patients/"]["get"]["responses"]
+
+
+# --- Content-Security-Policy --------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_every_page_carries_a_strict_content_security_policy(client, clinician, patient):
+    client.force_login(clinician)
+    for url in [reverse("patients:worklist"), reverse("patients:patient_detail", args=[patient.pk])]:
+        policy = client.get(url)["Content-Security-Policy"]
+        directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+        assert directives["script-src"] == "'self'" and directives["style-src"] == "'self'"
+        assert directives["object-src"] == "'none'" and directives["frame-ancestors"] == "'none'"
+    client.logout()
+    assert "script-src 'self'" in client.get(reverse("login"))["Content-Security-Policy"]
+
+
+@pytest.mark.django_db
+def test_vendor_interfaces_may_use_inline_styles_but_never_inline_scripts(client, staff):
+    client.force_login(staff)
+    for url in [reverse("admin:index"), f"{API}/patients/?format=api"]:
+        policy = client.get(url)["Content-Security-Policy"]
+        assert "style-src 'self' 'unsafe-inline'" in policy and "script-src 'self';" in policy
+
+
+TEMPLATE_DIRS = [ROOT / "templates"]
+
+
+def test_no_template_has_inline_script_style_or_event_handler():
+    import re
+    offending = []
+    pattern = re.compile(r"<script(?![^>]*\bsrc=)[^>]*>|\sstyle=|<style|\son[a-z]+=", re.I)
+    for folder in TEMPLATE_DIRS:
+        for path in folder.rglob("*.html"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    offending.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}")
+    assert offending == []
+
+
+# --- the production switch ----------------------------------------------------------------------
+
+def deploy_check(**extra):
+    environment = {k: v for k, v in os.environ.items() if k not in {"HTTPS", "DEBUG", "SECURE_COOKIES"}}
+    environment.update({
+        "DEBUG": "false",
+        "SECRET_KEY": "k3Q9-production-secret-from-the-environment-7fTz0wXbN2vLm8RcYp4sHd6",
+        "ALLOWED_HOSTS": "records.example.org",
+        "DJANGO_SETTINGS_MODULE": "melanoma_site.settings",
+        **extra,
+    })
+    return subprocess.run([sys.executable, "manage.py", "check", "--deploy"], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_check_deploy_is_clean_in_the_documented_production_configuration():
+    result = deploy_check(HTTPS="true")
+    assert result.returncode == 0, result.stderr
+    assert "System check identified no issues (0 silenced)." in result.stdout + result.stderr
+    assert "WARNINGS" not in result.stdout + result.stderr
+
+
+def test_without_the_https_switch_check_deploy_warns_about_each_setting_it_turns_on():
+    result = deploy_check()
+    output = result.stdout + result.stderr
+    for warning in ["security.W004", "security.W008", "security.W012", "security.W016"]:
+        assert warning in output
