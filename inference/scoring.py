@@ -47,6 +47,55 @@ def level_for(score: float | None, threshold: float | None, flagged: bool) -> st
     return "intermediate" if score >= threshold / 2 else "low"
 
 
+def is_outlier(distance: float | None, distances: list[float]) -> bool:
+    """The patient's "ugly duckling": the lesion farthest from the patient's others (of at least three
+    with a distance), clearly above the typical (median) distance."""
+    if distance is None or len(distances) < 3:
+        return False
+    median = sorted(distances)[len(distances) // 2]
+    return distance >= max(distances) and distance > 1.5 * max(median, 1e-6)
+
+
+def image_result(image, *, active_version) -> dict:
+    """What the result partial of one image shows, decided here (the template tag only formats it):
+    the analysis by the active version (prefetched by ``inference.selectors.analysis_prefetch()`` at
+    no query, else looked up), its state, score, threshold, flag, badge level and whether the page
+    keeps polling. ``active_version`` is a callable, called only when nothing was prefetched."""
+    from . import selectors
+
+    analysis = None
+    prefetched = getattr(image, selectors.ACTIVE_ATTR, None)
+    if prefetched:
+        analysis = prefetched[0]
+        version = analysis.model_version
+    else:
+        version = active_version()
+        if prefetched is None and version is not None:
+            analysis = selectors.result_for_image(image, version)
+    if version is None:
+        state = "no_model"
+    elif analysis is None:
+        state = "not_queued"
+    else:
+        state = analysis.status
+    score = analysis.display_score if analysis is not None else None
+    level = threshold = None
+    flagged = False
+    if score is not None and version is not None:
+        threshold = threshold_for(analysis, version)
+        flagged = is_flagged(analysis, threshold=threshold)
+        level = level_for(score, threshold, flagged)
+    pending = bool(analysis is not None and analysis.context_pending)
+    return {
+        "analysis": analysis, "version": version, "state": state, "score": score, "level": level,
+        "threshold": threshold, "flagged": flagged, "context_pending": pending,
+        "source": analysis.score_source if analysis is not None else None,
+        "metrics": metrics_for(analysis) if analysis is not None and state == "done" else None,
+        # Keep polling until the FINAL score is in (context pending counts as not final).
+        "polling": state in ("queued", "running", "not_queued") or pending,
+    }
+
+
 @dataclass
 class LesionResult:
     """A lesion's current result: the active version's analysis of its latest analysed image."""

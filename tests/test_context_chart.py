@@ -137,3 +137,13 @@ def test_bundled_context_model_names_its_assumed_resemblance_on_the_page():
     html = render(patient)
     assert "trained on simulated patients with an assumed within-patient resemblance of 0.5" in html
     assert "Not validated for clinical use" in html
+
+
+def test_outlier_rule_lives_in_scoring_and_needs_three_lesions_and_a_clear_gap():
+    from inference.scoring import is_outlier
+
+    assert is_outlier(0.5, [0.1, 0.12, 0.5])
+    assert not is_outlier(0.12, [0.1, 0.12, 0.5])  # not the farthest
+    assert not is_outlier(0.5, [0.1, 0.5])  # fewer than three distances
+    assert not is_outlier(0.14, [0.1, 0.12, 0.14])  # farthest, but not 1.5 x the median
+    assert not is_outlier(None, [0.1, 0.12, 0.5])

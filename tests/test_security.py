@@ -268,3 +268,86 @@ def test_without_the_https_switch_check_deploy_warns_about_each_setting_it_turns
     output = result.stdout + result.stderr
     for warning in ["security.W004", "security.W008", "security.W012", "security.W016"]:
         assert warning in output
+
+
+# --- audit of account and model-version changes -------------------------------------------------
+
+def audit_entries(obj, action=None):
+    from auditlog.models import LogEntry
+    from django.contrib.contenttypes.models import ContentType
+
+    qs = LogEntry.objects.filter(content_type=ContentType.objects.get_for_model(obj), object_pk=str(obj.pk))
+    return qs.filter(action=action) if action is not None else qs
+
+
+@pytest.mark.django_db
+def test_granting_staff_in_the_admin_is_audited_with_the_actor(client, staff, clinician):
+    from auditlog.models import LogEntry
+
+    client.force_login(staff)
+    change = reverse("admin:auth_user_change", args=[clinician.pk])
+    joined = clinician.date_joined
+    response = client.post(change, {
+        "username": clinician.username, "first_name": clinician.first_name, "last_name": clinician.last_name,
+        "email": clinician.email, "is_active": "on", "is_staff": "on",
+        "date_joined_0": joined.strftime("%Y-%m-%d"), "date_joined_1": joined.strftime("%H:%M:%S"),
+    })
+    assert response.status_code == 302, response.content.decode()[:2000]
+    entry = audit_entries(clinician, LogEntry.Action.UPDATE).get()
+    assert entry.actor == staff
+    assert entry.changes_dict["is_staff"] == ["False", "True"]
+    assert "password" not in entry.changes_dict and "last_login" not in entry.changes_dict
+
+
+@pytest.mark.django_db
+def test_group_membership_and_superuser_changes_are_audited(clinician):
+    from auditlog.models import LogEntry
+    from django.contrib.auth.models import Group
+
+    clinician.is_superuser = True
+    clinician.save()
+    clinician.groups.add(Group.objects.create(name="auditors"))
+    changes = [e.changes_dict for e in audit_entries(clinician, LogEntry.Action.UPDATE).order_by("pk")]
+    assert changes[0]["is_superuser"] == ["False", "True"]
+    assert changes[1]["groups"]["objects"] == ["auditors"] and changes[1]["groups"]["operation"] == "add"
+
+
+@pytest.mark.django_db
+def test_logging_in_leaves_no_account_audit_entry(client):
+    user = UserFactory(username="quiet_login", password=PASSWORD)
+    before = audit_entries(user).count()
+    assert login(client, user.username, PASSWORD).status_code == 302
+    assert audit_entries(user).count() == before
+
+
+@pytest.mark.django_db
+def test_model_version_activation_in_the_admin_is_audited_for_both_versions(client, staff):
+    from auditlog.models import LogEntry
+
+    from tests.worker_utils import register_version
+
+    checkpoint = ROOT / "models" / "demo-v2" / "model.pt"
+    old = register_version(checkpoint, name="old", active=True)
+    new = register_version(checkpoint, name="new", active=False, sha256="f" * 64)
+    client.force_login(staff)
+    response = client.post(reverse("admin:inference_modelversion_changelist"),
+                           {"action": "activate", "_selected_action": [new.pk]})
+    assert response.status_code == 302
+    on = audit_entries(new, LogEntry.Action.UPDATE).get()
+    off = audit_entries(old, LogEntry.Action.UPDATE).get()
+    assert on.changes_dict["is_active"] == ["False", "True"] and on.actor == staff
+    assert off.changes_dict["is_active"] == ["True", "False"] and off.actor == staff
+
+
+@pytest.mark.django_db
+def test_model_version_deactivation_by_the_service_is_audited_once():
+    from auditlog.models import LogEntry
+
+    from inference.services import deactivate_model_version
+    from tests.worker_utils import register_version
+
+    version = register_version(ROOT / "models" / "demo-v2" / "model.pt", name="solo", active=True)
+    deactivate_model_version(model_version=version)
+    deactivate_model_version(model_version=version)  # already inactive: nothing changes, no entry
+    [entry] = audit_entries(version, LogEntry.Action.UPDATE)
+    assert entry.changes_dict["is_active"] == ["True", "False"] and entry.actor is None

@@ -262,12 +262,30 @@ def activate_model_version(*, model_version: ModelVersion) -> int:
     Returns the number of analyses queued.
     """
     with transaction.atomic():
-        ModelVersion.objects.filter(is_active=True).exclude(pk=model_version.pk).update(is_active=False)
+        others = list(ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=model_version.pk))
+        was_active = ModelVersion.objects.select_for_update().filter(pk=model_version.pk, is_active=True).exists()
+        ModelVersion.objects.filter(pk__in=[v.pk for v in others]).update(is_active=False)
         ModelVersion.objects.filter(pk=model_version.pk).update(is_active=True)
+        for other in others:
+            _audit_activation(other, active=False)
+        if not was_active:
+            _audit_activation(model_version, active=True)
         model_version.is_active = True
     return queue_missing(model_version=model_version)
 
 
 def deactivate_model_version(*, model_version: ModelVersion) -> None:
-    ModelVersion.objects.filter(pk=model_version.pk).update(is_active=False)
+    with transaction.atomic():
+        if ModelVersion.objects.filter(pk=model_version.pk, is_active=True).update(is_active=False):
+            _audit_activation(model_version, active=False)
     model_version.is_active = False
+
+
+def _audit_activation(model_version: ModelVersion, *, active: bool) -> None:
+    """An audit entry (django-auditlog, "update" of is_active) for a change the services make with
+    update(), which sends no signal. The actor is the request's user (AuditlogMiddleware) or none
+    (a command)."""
+    from auditlog.models import LogEntry
+
+    LogEntry.objects.log_create(model_version, action=LogEntry.Action.UPDATE,
+                                changes={"is_active": [str(not active), str(active)]})

@@ -116,16 +116,11 @@ def patient_context(patient) -> dict:
 
     dists = [d for *_, d in raw if d is not None]
     x_max, x_step = _x_axis(max(dists) * 1.05 if dists else 0.0)
-    median = sorted(dists)[len(dists) // 2] if dists else 0.0
     thr = ctx["threshold"]
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     for lesion, a, feats, score, dist in raw:
         d = dist if dist is not None else 0.0
-        # Outlier: the lesion farthest from the patient's others, clearly above the typical distance.
-        outlier = (
-            dist is not None and len(dists) >= 3 and dist >= max(dists)
-            and dist > 1.5 * max(median, 1e-6)
-        )
+        outlier = scoring.is_outlier(dist, dists)
         high = scoring.is_flagged(a, threshold=thr)
         top = highest.get(lesion.pk)
         point = {

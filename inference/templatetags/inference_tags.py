@@ -1,11 +1,13 @@
-"""``{% image_result image as r %}``: the active version's analysis of an image, for the partial.
+"""Formatting only: what to show is decided by ``inference.scoring`` / ``inference.selectors``.
+
+``{% image_result image as r %}``: the active version's analysis of an image, for the partial.
 
 With the images fetched through ``inference.selectors.analysis_prefetch()`` / ``with_results()``
 this costs no query per image; the active model version is looked up once per request.
 """
 from django import template
 
-from .. import scoring, selectors, services
+from .. import scoring, services
 
 register = template.Library()
 
@@ -24,37 +26,8 @@ def _active_version(context):
 
 @register.simple_tag(takes_context=True)
 def image_result(context, image):
-    analysis = None
-    prefetched = getattr(image, selectors.ACTIVE_ATTR, None)
-    if prefetched:
-        analysis = prefetched[0]
-        version = analysis.model_version
-    else:
-        version = _active_version(context)
-        if prefetched is None and version is not None:
-            analysis = selectors.result_for_image(image, version)
-    if version is None:
-        state = "no_model"
-    elif analysis is None:
-        state = "not_queued"
-    else:
-        state = analysis.status
-    score = analysis.display_score if analysis is not None else None
-    level = threshold = None
-    flagged = False
-    if score is not None and version is not None:
-        threshold = scoring.threshold_for(analysis, version)
-        flagged = scoring.is_flagged(analysis, threshold=threshold)
-        level = scoring.level_for(score, threshold, flagged)
-    pending = bool(analysis is not None and analysis.context_pending)
-    return {
-        "analysis": analysis, "version": version, "state": state, "score": score, "level": level,
-        "threshold": threshold, "flagged": flagged, "context_pending": pending,
-        "source": analysis.score_source if analysis is not None else None,
-        "metrics": scoring.metrics_for(analysis) if analysis is not None and state == "done" else None,
-        # Keep polling until the FINAL score is in (context pending counts as not final).
-        "polling": state in ("queued", "running", "not_queued") or pending,
-    }
+    """The result of ``inference.scoring.image_result`` (which decides state, flag and level)."""
+    return scoring.image_result(image, active_version=lambda: _active_version(context))
 
 
 @register.filter
