@@ -351,3 +351,59 @@ def test_model_version_deactivation_by_the_service_is_audited_once():
     deactivate_model_version(model_version=version)  # already inactive: nothing changes, no entry
     [entry] = audit_entries(version, LogEntry.Action.UPDATE)
     assert entry.changes_dict["is_active"] == ["True", "False"] and entry.actor is None
+
+
+# --- id filters: no existence oracle, no dropdown of records ------------------------------------
+
+ID_FILTERS = [
+    ("analyses", "image"), ("analyses", "lesion"), ("analyses", "patient"), ("analyses", "model_version"),
+    ("images", "lesion"), ("images", "patient"), ("lesions", "patient"), ("patients", "care_team"),
+    ("reviews", "lesion"), ("reviews", "patient"),
+]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("collection,parameter", ID_FILTERS)
+def test_a_foreign_id_in_a_filter_answers_exactly_like_an_unknown_one(clinician, other_clinician, other_team,
+                                                                      image, collection, parameter):
+    foreign_patient = PatientFactory(care_team=other_team)
+    foreign_lesion = LesionFactory(patient=foreign_patient)
+    [outcome] = services.upload_images(user=other_clinician, lesion=foreign_lesion,
+                                       files=[uploaded(image_bytes(seed=9))], image_type="dermoscopic",
+                                       acquired_on=datetime.date(2025, 1, 3))
+    foreign = {"image": outcome.image.pk, "lesion": foreign_lesion.pk, "patient": foreign_patient.pk,
+               "care_team": other_team.pk, "model_version": 987654}[parameter]
+    client = token_client(clinician)
+    seen = client.get(f"{API}/{collection}/?{parameter}={foreign}")
+    unknown = client.get(f"{API}/{collection}/?{parameter}=99999999")
+    assert seen.status_code == unknown.status_code == 200
+    assert seen.json() == unknown.json() and seen.json()["count"] == 0
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("collection", sorted({c for c, _ in ID_FILTERS}))
+def test_the_browsable_api_filter_form_lists_no_records(client, clinician, other_clinician, other_team, image,
+                                                        collection):
+    foreign = PatientFactory(care_team=other_team, mrn="FOREIGN-MRN-1")
+    LesionFactory(patient=foreign, label="foreign lesion label")
+    client.force_login(clinician)
+    page = client.get(f"{API}/{collection}/", HTTP_ACCEPT="text/html").content.decode()
+    assert "FOREIGN-MRN-1" not in page and "foreign lesion label" not in page
+    for _, parameter in (f for f in ID_FILTERS if f[0] == collection):
+        assert f'<select name="{parameter}"' not in page and f'name="{parameter}"' in page
+
+
+def test_no_api_filterset_uses_a_model_choice_filter():
+    import django_filters
+
+    from inference.api import views as inference_views
+    from patients.api import filters as patient_filters
+    from patients.api import views as patient_views
+
+    filtersets = [obj for module in (inference_views, patient_filters, patient_views) for obj in vars(module).values()
+                  if isinstance(obj, type) and issubclass(obj, django_filters.FilterSet)]
+    assert len(filtersets) >= 6
+    for filterset in filtersets:
+        for name, field in filterset.base_filters.items():
+            assert not isinstance(field, django_filters.ModelChoiceFilter | django_filters.ModelMultipleChoiceFilter), \
+                (filterset.__name__, name)
