@@ -51,3 +51,17 @@ def lockout_response(request, original_response=None, credentials=None):
         "cooloff_minutes": max(1, round(cool_off.total_seconds() / 60)) if cool_off else None,
     }
     return render(request, "registration/locked_out.html", context, status=settings.AXES_HTTP_RESPONSE_CODE)
+
+
+def client_address(request) -> str | None:
+    """The client's address for lockout and throttling: ``REMOTE_ADDR``, or with
+    ``TRUSTED_PROXY_COUNT`` = n proxies in front, the n-th address from the right of
+    X-Forwarded-For (the one the outermost trusted proxy saw). Addresses a client puts in the
+    header itself stay to the left and are never used. Same rule as DRF's ``NUM_PROXIES``."""
+    remote = request.META.get("REMOTE_ADDR")
+    count = settings.TRUSTED_PROXY_COUNT
+    forwarded = request.META.get("HTTP_X_FORWARDED_FOR")
+    if not count or not forwarded:
+        return remote
+    addresses = [a.strip() for a in forwarded.split(",") if a.strip()]
+    return addresses[-min(count, len(addresses))] if addresses else remote

@@ -228,6 +228,8 @@ REST_FRAMEWORK = {
     # Per token/user here; per address for requests without valid credentials in the
     # authenticators above. Rates read at request time from API_THROTTLE_RATES.
     "DEFAULT_THROTTLE_CLASSES": ["melanoma_site.throttling.UserThrottle"],
+    # Set below from TRUSTED_PROXY_COUNT: DRF's default (None) would trust a client's X-Forwarded-For.
+    "NUM_PROXIES": 0,
 }
 # Requests per period ("N/second|minute|hour|day"); an empty value turns that throttle off. A 429
 # answers in the API's error format with Retry-After.
@@ -344,8 +346,13 @@ SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if HTTPS
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=HTTPS)
 # Only behind a proxy that sets X-Forwarded-Proto itself (and strips the client's): BEHIND_PROXY.
-if env.bool("BEHIND_PROXY", default=HTTPS):
+BEHIND_PROXY = env.bool("BEHIND_PROXY", default=HTTPS)
+if BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# The client's address, for login lockout and API throttling alike (melanoma_site.security
+# .client_address): REMOTE_ADDR, or behind TRUSTED_PROXY_COUNT proxies the address the outermost
+# trusted proxy appended to X-Forwarded-For (what a client writes there itself is never trusted).
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=1 if BEHIND_PROXY else 0)
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=HTTPS)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
@@ -381,10 +388,8 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_CALLABLE = "melanoma_site.security.lockout_response"
 AXES_HTTP_RESPONSE_CODE = 429
 AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
-# Behind a proxy the client address is the last one it appends to X-Forwarded-For.
-AXES_IPWARE_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=0) or None
-if AXES_IPWARE_PROXY_COUNT:
-    AXES_IPWARE_META_PRECEDENCE_ORDER = ["HTTP_X_FORWARDED_FOR", "REMOTE_ADDR"]
+AXES_CLIENT_IP_CALLABLE = "melanoma_site.security.client_address"
+REST_FRAMEWORK["NUM_PROXIES"] = TRUSTED_PROXY_COUNT
 
 LOGGING = {
     "version": 1,

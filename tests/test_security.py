@@ -100,6 +100,31 @@ def test_lockout_is_per_address_across_accounts(client, account):
 
 
 @pytest.mark.django_db
+def test_a_forged_forwarded_for_header_does_not_escape_the_address_lockout(client, account):
+    for n in range(5):
+        client.post(reverse("login"), {"username": f"guess{n}", "password": "wrong"}, REMOTE_ADDR="10.0.4.4",
+                    HTTP_X_FORWARDED_FOR=f"192.0.2.{n}")
+    response = client.post(reverse("login"), {"username": account.username, "password": PASSWORD},
+                           REMOTE_ADDR="10.0.4.4", HTTP_X_FORWARDED_FOR="192.0.2.200")
+    assert response.status_code == 429 and not logged_in(client)
+
+
+@pytest.mark.django_db
+def test_behind_one_trusted_proxy_each_client_address_is_counted_on_its_own(client, account, settings):
+    settings.TRUSTED_PROXY_COUNT = 1
+    proxy = "10.0.5.1"
+    for n in range(5):  # one client behind the proxy; what it forges on the left is ignored
+        client.post(reverse("login"), {"username": f"guess{n}", "password": "wrong"}, REMOTE_ADDR=proxy,
+                    HTTP_X_FORWARDED_FOR=f"198.51.100.{n}, 203.0.113.7")
+    locked = client.post(reverse("login"), {"username": account.username, "password": PASSWORD},
+                         REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR="203.0.113.7")
+    assert locked.status_code == 429
+    other = client.post(reverse("login"), {"username": account.username, "password": PASSWORD},
+                        REMOTE_ADDR=proxy, HTTP_X_FORWARDED_FOR="203.0.113.8")
+    assert other.status_code == 302 and logged_in(client)
+
+
+@pytest.mark.django_db
 def test_admin_login_is_locked_too_with_the_same_page(client, account):
     account.is_staff = True
     account.save()
@@ -186,6 +211,14 @@ def test_requests_without_credentials_are_throttled_per_address(low_rates):
     assert_throttled(client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.1"))
     # Another address has its own count.
     assert client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.2").status_code == 401
+
+
+@pytest.mark.django_db
+def test_a_forged_forwarded_for_header_does_not_escape_the_anonymous_rate(low_rates):
+    client = APIClient()
+    for n in range(2):
+        assert client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.1", HTTP_X_FORWARDED_FOR=f"192.0.2.{n}").status_code == 401
+    assert_throttled(client.get(f"{API}/patients/", REMOTE_ADDR="10.1.0.1", HTTP_X_FORWARDED_FOR="192.0.2.99"))
 
 
 @pytest.mark.django_db
