@@ -199,6 +199,14 @@ THUMBNAIL_SIZE = 256
 # analysis app shows beside each image costs no query per image. Keeps patients -> inference
 # imports out of the records core: the dependency is one-way (inference imports patients).
 IMAGE_LIST_PREFETCHES = ["inference.selectors.analysis_prefetch"]
+# Media folders and the field whose rows refer to their files ("app_label.Model.field"): the orphan
+# purge (manage.py purge_orphan_media) lists files in them no row refers to. Named here, so that
+# the records core needs no import of the analysis app.
+MEDIA_FILE_FIELDS = {
+    "images": "patients.LesionImage.file",
+    "thumbnails": "patients.LesionImage.thumbnail",
+    "heatmaps": "inference.Analysis.heatmap",
+}
 # The module that gives lesions their current score, flag and unreviewed state (patients.results).
 RESULTS_MODULE = "inference.scoring"
 

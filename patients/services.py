@@ -442,16 +442,20 @@ def delete_patient(*, user, patient: Patient) -> None:
 
 
 def orphan_media_files(*, older_than: datetime.timedelta = datetime.timedelta(hours=1)) -> list[str]:
-    """Stored image/thumbnail files no row refers to (a crash between file write and commit).
+    """Stored media files no row refers to (a crash between file write and commit): in each folder
+    of settings.MEDIA_FILE_FIELDS (images, thumbnails, heatmaps), through the storage API (local
+    folder or bucket alike).
 
     Only files older than ``older_than`` are listed, so uploads in flight are never included.
     """
-    referenced = set()
-    for file_name, thumb_name in LesionImage.objects.values_list("file", "thumbnail"):
-        referenced.update((file_name, thumb_name))
+    from django.apps import apps
+
     cutoff = timezone.now() - older_than
     orphans = []
-    for folder in ("images", "thumbnails"):
+    for folder, reference in settings.MEDIA_FILE_FIELDS.items():
+        model_label, field = reference.rsplit(".", 1)
+        model = apps.get_model(model_label)
+        referenced = set(model._default_manager.exclude(**{field: ""}).values_list(field, flat=True))
         try:
             _, names = default_storage.listdir(folder)
         except FileNotFoundError:

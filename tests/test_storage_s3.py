@@ -313,19 +313,30 @@ def test_s3_round_trip_with_two_workers_on_two_queues(on_s3, s3, topology, tiny_
         assert files_under(folder) == [], (name, files_under(folder))
 
 
-def test_orphan_media_purge_lists_and_removes_bucket_objects(on_s3, s3, topology):
-    from django.core.files.storage import default_storage
-
-    from patients.services import orphan_media_files, purge_orphan_media_files
-
-    name = default_storage.save("images/orphan.jpg", ContentFile(jpeg_bytes(seed=5)))
-    assert name in keys(s3) and default_storage.exists(name)
+def test_orphan_media_purge_lists_and_removes_bucket_objects(on_s3, s3, topology, patient, tiny_ckpt):  # noqa: F811
     import datetime
 
-    assert name in orphan_media_files(older_than=datetime.timedelta(seconds=-60))
-    assert name not in orphan_media_files(older_than=datetime.timedelta(hours=1))  # too recent: in flight
-    assert purge_orphan_media_files(older_than=datetime.timedelta(seconds=-60)) >= 1
-    assert name not in keys(s3) and not default_storage.exists(name)
+    from django.core.files.storage import default_storage
+    from django.core.management import call_command
+
+    from patients.services import orphan_media_files
+    from tests.worker_utils import make_image
+
+    img = make_image(LesionFactory(patient=patient), seed=6)
+    kept_heatmap = default_storage.save("heatmaps/kept.png", ContentFile(b"png"))
+    Analysis.objects.create(image=img, model_version=register_version(tiny_ckpt), status="done",
+                            heatmap=kept_heatmap)
+    orphans = {default_storage.save("images/orphan.jpg", ContentFile(jpeg_bytes(seed=5))),
+               default_storage.save("thumbnails/orphan.jpg", ContentFile(b"jpg")),
+               default_storage.save("heatmaps/orphan.png", ContentFile(b"png"))}
+    referenced = {img.file.name, img.thumbnail.name, kept_heatmap}
+    assert orphans | referenced <= keys(s3)
+
+    assert set(orphan_media_files(older_than=datetime.timedelta(seconds=-60))) == orphans
+    assert orphan_media_files(older_than=datetime.timedelta(hours=1)) == []  # too recent: maybe in flight
+    call_command("purge_orphan_media", "--hours", "-0.02", stdout=open(os.devnull, "w"))
+    assert not orphans & keys(s3) and referenced <= keys(s3)
+    assert not any(default_storage.exists(n) for n in orphans)
     assert files_under(topology["media"]["test"]) == []
 
 

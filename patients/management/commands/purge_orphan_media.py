@@ -7,7 +7,8 @@ from patients import services
 
 
 class Command(BaseCommand):
-    help = "Delete image/thumbnail files no LesionImage refers to (only files older than --hours)."
+    help = ("Delete media files (images, thumbnails, heatmaps) no row refers to, in the local folder or the "
+            "bucket (only files older than --hours).")
 
     def add_arguments(self, parser):
         parser.add_argument("--hours", type=float, default=1.0, help="minimum age of a file to delete")
