@@ -60,13 +60,19 @@ def image_result(image, *, active_version) -> dict:
     """What the result partial of one image shows, decided here (the template tag only formats it):
     the analysis by the active version (prefetched by ``inference.selectors.analysis_prefetch()`` at
     no query, else looked up), its state, score, threshold, flag, badge level and whether the page
-    keeps polling. ``active_version`` is a callable, called only when nothing was prefetched."""
+    keeps polling. ``active_version`` is a callable (the caller caches it per request)."""
     from . import selectors
 
     analysis = None
     prefetched = getattr(image, selectors.ACTIVE_ATTR, None)
     if prefetched:
         analysis = prefetched[0]
+        if "model_version" not in analysis._state.fields_cache:
+            # analysis_prefetch() does not join the version (its JSON would be decoded once per
+            # image): the active version, looked up once per request, is the same row.
+            active = active_version()
+            if active is not None and active.pk == analysis.model_version_id:
+                analysis.model_version = active
         version = analysis.model_version
     else:
         version = active_version()
@@ -140,29 +146,69 @@ def active_version() -> ModelVersion | None:
     return ModelVersion.objects.filter(is_active=True).first()
 
 
+# What a result needs of an analysis; the rest (the embedding, the context features, timings...)
+# stays in the database: lists of results read hundreds of rows.
+RESULT_DEFERRED = ("embedding", "context_features", "member_probabilities", "timings", "heatmap_info", "error")
+
+
 def done_analyses(image_filter: dict, version: ModelVersion | None = None):
+    """The version's finished analyses of the images matching ``image_filter`` (with their image).
+    Each row's ``model_version`` is NOT joined: iterate through :func:`_with_version`, which gives
+    every row the one version object (its JSON card, metrics and context model decoded once, not
+    once per row)."""
     version = version if version is not None else active_version()
     if version is None:
         return Analysis.objects.none()
     return (Analysis.objects.filter(model_version=version, status=Analysis.Status.DONE, **image_filter)
-            .select_related("model_version", "image").defer("embedding", "context_features"))
+            .select_related("image").defer(*RESULT_DEFERRED))
+
+
+def _with_version(image_filter: dict, version: ModelVersion | None):
+    version = version if version is not None else active_version()
+    if version is None:
+        return []
+    rows = list(done_analyses(image_filter, version))
+    for a in rows:
+        a.model_version = version
+    return rows
 
 
 def lesion_results(lesion_ids, *, version: ModelVersion | None = None) -> dict[int, LesionResult]:
     """{lesion id: its current result} for lesions with at least one finished analysis by the
-    active model version. One query for all the lesions."""
+    active model version: the analysis of the lesion's latest analysed image (by acquisition date,
+    then upload) and when the lesion's newest result was produced.
+
+    Three queries for any number of lesions and images (the active version; per lesion, in SQL, the
+    current analysis' id and the newest finish time; those analyses with their images): a lesion
+    photographed at every visit for years costs no more than one photographed once."""
+    from django.db.models import Max, OuterRef, Subquery
+
+    from patients.models import Lesion
+
     ids = list(lesion_ids)
     if not ids:
         return {}
+    version = version if version is not None else active_version()
+    if version is None:
+        return {}
+    of_lesion = Analysis.objects.filter(model_version=version, status=Analysis.Status.DONE,
+                                        image__lesion_id=OuterRef("pk"))
+    current = of_lesion.order_by("-image__acquired_on", "-image__uploaded_at", "-image_id").values("pk")[:1]
+    newest = of_lesion.order_by().values("image__lesion_id").annotate(m=Max("finished_at")).values("m")[:1]
+    picked = {lesion_id: (analysis_id, latest) for lesion_id, analysis_id, latest in
+              Lesion.objects.filter(pk__in=ids).order_by()
+              .annotate(current_id=Subquery(current), newest_at=Subquery(newest))
+              .values_list("pk", "current_id", "newest_at") if analysis_id is not None}
+    if not picked:
+        return {}
+    analyses = {a.pk: a for a in _with_version({"pk__in": [a for a, _ in picked.values()]}, version)}
     cache: dict = {}
-    by_lesion: dict[int, list[Analysis]] = {}
-    for a in done_analyses({"image__lesion_id__in": ids}, version):
-        by_lesion.setdefault(a.image.lesion_id, []).append(a)
     out = {}
-    for lesion_id, rows in by_lesion.items():
-        current = max(rows, key=lambda a: (a.image.acquired_on, a.image.uploaded_at, a.image_id))
+    for lesion_id, (analysis_id, latest) in picked.items():
+        current = analyses.get(analysis_id)
+        if current is None:  # changed between the two queries: no result rather than a wrong one
+            continue
         threshold = threshold_for(current, cache=cache)
-        latest = max((a.finished_at for a in rows if a.finished_at is not None), default=None)
         out[lesion_id] = LesionResult(
             lesion_id=lesion_id, analysis=current, threshold=threshold,
             flagged=is_flagged(current, threshold=threshold), latest_result_at=latest or timezone.now(),
@@ -174,7 +220,7 @@ def image_results(image_ids, *, version: ModelVersion | None = None) -> dict[int
     """{image id: that image's result} (same shape as a lesion's), for comparisons and reports."""
     cache: dict = {}
     out = {}
-    for a in done_analyses({"image_id__in": list(image_ids)}, version):
+    for a in _with_version({"image_id__in": list(image_ids)}, version):
         threshold = threshold_for(a, cache=cache)
         out[a.image_id] = LesionResult(lesion_id=a.image.lesion_id, analysis=a, threshold=threshold,
                                        flagged=is_flagged(a, threshold=threshold),

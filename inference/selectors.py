@@ -25,8 +25,10 @@ def analysis_prefetch(model_version: ModelVersion | None = None, *, prefix: str 
     images, so ``{% include "inference/_image_result.html" %}`` costs no query per image.
     """
     version = model_version if model_version is not None else active_model_version()
+    # The version is not joined (a join would decode its JSON card, metrics and context model again
+    # for every image): ``{% image_result %}`` gives each row the one version object of the request.
     qs = Analysis.objects.none() if version is None else (
-        Analysis.objects.filter(model_version=version).select_related("model_version").defer("embedding"))
+        Analysis.objects.filter(model_version=version).defer("embedding"))
     return Prefetch(f"{prefix}analyses", queryset=qs, to_attr=ACTIVE_ATTR)
 
 

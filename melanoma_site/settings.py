@@ -98,6 +98,10 @@ TEMPLATES = [
 
 DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 DATABASES["default"]["ATOMIC_REQUESTS"] = False
+# Persistent connections (one per gunicorn thread), checked before reuse: opening a PostgreSQL
+# connection per request cost more than most pages' queries. CONN_MAX_AGE=0 closes after each request.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("CONN_MAX_AGE", default=300)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # WAL lets the worker write while the web process reads.
     DATABASES["default"].setdefault("OPTIONS", {}).update(

@@ -38,7 +38,10 @@ class PatientQuerySet(models.QuerySet):
             return self.none()
         if user.is_staff:
             return self.all()
-        return self.filter(care_team__members=user).distinct()
+        # A semi-join on the user's teams (no JOIN, so no duplicate rows and no DISTINCT: counts,
+        # ordering and pagination stay plain index scans; FOR UPDATE works on it too).
+        teams = CareTeam.members.through.objects.filter(user_id=user.pk).values("careteam_id")
+        return self.filter(care_team_id__in=teams)
 
 
 class Patient(models.Model):

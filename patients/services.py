@@ -78,6 +78,39 @@ def record_access(*, user, obj) -> None:
         accessed.send(sender=obj.__class__, instance=obj)
 
 
+LIST_QUERY_MAX_PARAMS = 30
+LIST_QUERY_MAX_CHARS = 200
+
+
+def record_list_access(*, user, model, listing: str, query=None, count: int | None = None, shown=(),
+                       patients=None) -> LogEntry:
+    """Write ONE "viewed" (ACCESS) audit entry for a list or search the user read: which list
+    (``listing``, e.g. "worklist" or "api:patient-list"), its query parameters (search text,
+    filters, ordering, page), how many records matched (``count``), the ids of the ``model`` rows
+    shown and the patients they belong to. The entry names no single object (``object_pk`` empty,
+    ``additional_data`` holds the rest). One INSERT per request whatever the number of rows."""
+    from django.contrib.contenttypes.models import ContentType
+
+    _check_user(user)
+    shown = [int(pk) for pk in shown]
+    params: dict = {}
+    for key in list(query.keys())[:LIST_QUERY_MAX_PARAMS] if query else []:
+        values = query.getlist(key) if hasattr(query, "getlist") else [query[key]]
+        values = [str(v)[:LIST_QUERY_MAX_CHARS] for v in values]
+        params[str(key)[:LIST_QUERY_MAX_CHARS]] = values[0] if len(values) == 1 else values
+    data = {"list": listing, "query": params, "count": count, "shown": shown}
+    if patients is not None:
+        data["patients"] = sorted({int(pk) for pk in patients if pk is not None})
+    search = f", search {params['q']!r}" if params.get("q") else ""
+    total = "" if count is None else f" of {count}"
+    with acting_as(user):
+        return LogEntry.objects.create(
+            content_type=ContentType.objects.get_for_model(model), object_pk="", object_id=None,
+            object_repr=f"{listing}: {len(shown)}{total} {model._meta.verbose_name_plural} shown{search}"[:1000],
+            action=LogEntry.Action.ACCESS, additional_data=data,
+        )
+
+
 # --- checks --------------------------------------------------------------------------------------
 
 def _patient_of(obj) -> Patient:

@@ -68,10 +68,7 @@ def images_in_date_order():
 @login_required
 def worklist(request):
     q = request.GET.get("q", "").strip()
-    patients = selectors.visible_patients(request.user).annotate(
-        n_lesions=Count("lesions", distinct=True),
-        n_images=Count("lesions__images", distinct=True),
-    )
+    patients = selectors.visible_patients(request.user)
     if q:
         patients = patients.filter(Q(mrn__icontains=q) | Q(name__icontains=q))
     patients = patients.order_by("-last_activity_at", "-pk")
@@ -80,6 +77,9 @@ def worklist(request):
     _attach_patient_results(list(page))
     for p in page:
         p.age = p.age_on(today)
+    shown = [p.pk for p in page]
+    services.record_list_access(user=request.user, model=Patient, listing="worklist", query=request.GET,
+                                count=page.paginator.count, shown=shown, patients=shown)
     return render(request, "patients/worklist.html", {
         "page": page,
         "q": q,
@@ -88,18 +88,23 @@ def worklist(request):
 
 
 def _attach_patient_results(patients) -> None:
-    """Give each patient ``top_result`` (highest current lesion score, naming its model version),
-    ``flagged`` (a lesion currently flagged) and ``n_unreviewed`` (lesions with an unreviewed result)."""
+    """Give each patient of a worklist page ``n_lesions``, ``n_images``, ``top_result`` (highest
+    current lesion score, naming its model version), ``flagged`` (a lesion currently flagged) and
+    ``n_unreviewed`` (lesions with an unreviewed result). A fixed number of queries for the page,
+    whatever the number of patients, lesions and images."""
     from django.db.models import Max
 
     lesions = list(Lesion.objects.filter(patient__in=[p.pk for p in patients])
-                   .annotate(last_reviewed_at=Max("reviews__created_at")).only("pk", "patient_id"))
+                   .annotate(last_reviewed_at=Max("reviews__created_at"), n_images=Count("images", distinct=True))
+                   .only("pk", "patient_id").order_by())
     results = lesion_results(lesion.pk for lesion in lesions)
     per_patient: dict[int, list] = {}
     for lesion in lesions:
         per_patient.setdefault(lesion.patient_id, []).append(lesion)
     for p in patients:
         mine = per_patient.get(p.pk, [])
+        p.n_lesions = len(mine)
+        p.n_images = sum(lesion.n_images for lesion in mine)
         scored = [results[lesion.pk] for lesion in mine if lesion.pk in results]
         p.top_result = max(scored, key=lambda r: (r.flagged, r.score)) if scored else None
         p.flagged = any(r.flagged for r in scored)
@@ -109,6 +114,9 @@ def _attach_patient_results(patients) -> None:
 @login_required
 def review_queue(request):
     items = selectors.review_queue(request.user)
+    services.record_list_access(user=request.user, model=Lesion, listing="review queue", query=request.GET,
+                                count=len(items), shown=[lesion.pk for lesion in items],
+                                patients=[lesion.patient_id for lesion in items])
     return render(request, "patients/review_queue.html", {
         "items": items, "n_flagged": sum(1 for lesion in items if lesion.result.flagged),
     })
@@ -124,6 +132,9 @@ def follow_ups(request):
     reviews = list(selectors.follow_ups_due(request.user, within_days=within, today=today))
     for r in reviews:
         r.overdue_days = (today - r.follow_up_due).days
+    services.record_list_access(user=request.user, model=LesionReview, listing="follow-ups", query=request.GET,
+                                count=len(reviews), shown=[r.pk for r in reviews],
+                                patients=[r.lesion.patient_id for r in reviews])
     return render(request, "patients/follow_ups.html", {
         "reviews": reviews, "within": within, "today": today,
         "n_overdue": sum(1 for r in reviews if r.overdue_days > 0),

@@ -8,7 +8,7 @@ from rest_framework import generics, renderers, viewsets
 from rest_framework.decorators import action
 
 from melanoma_site.api import BooleanFilter, ContractMixin, IdFilter, NumberFilter
-from patients.api.views import ImageRenderer
+from patients.api.views import ImageRenderer, ListAuditMixin
 from patients.selectors import visible_images
 
 from .. import selectors
@@ -22,7 +22,9 @@ def visible_analyses(user):
     The embedding stays deferred; its size is annotated for ``embedding_dim`` (no query per row)."""
     return (
         selectors.visible_analyses(user)
-        .select_related("model_version", "image__lesion")
+        .select_related("image__lesion")
+        # one query and one decoded object per model version, not its JSON once per row
+        .prefetch_related("model_version")
         .annotate(embedding_size=Length("embedding"))
         .annotate(**flag_annotations())
     )
@@ -87,7 +89,7 @@ ANALYSIS_ORDERING = ["queued_at", "finished_at", "probability", "final_score"]
     retrieve=extend_schema(summary="One analysis"),
 )
 @extend_schema(tags=["analyses"])
-class AnalysisViewSet(ContractMixin, viewsets.ReadOnlyModelViewSet):
+class AnalysisViewSet(ListAuditMixin, ContractMixin, viewsets.ReadOnlyModelViewSet):
     """Model analyses of images: image-only probability, final (context-adjusted) score, status."""
 
     serializer_class = AnalysisSerializer
@@ -119,7 +121,7 @@ class AnalysisViewSet(ContractMixin, viewsets.ReadOnlyModelViewSet):
 
 
 @extend_schema(tags=["analyses"], summary="The analyses of one image (every model version that analysed it)")
-class ImageAnalysesView(ContractMixin, generics.ListAPIView):
+class ImageAnalysesView(ListAuditMixin, ContractMixin, generics.ListAPIView):
     """The analyses of one image (every model version that analysed it)."""
 
     serializer_class = AnalysisSerializer

@@ -89,10 +89,13 @@ def patient_context(patient) -> dict:
     ctx["threshold"] = score_threshold(version)
     analyses = (
         Analysis.objects.filter(image__lesion__patient=patient, model_version=version, status=Analysis.Status.DONE)
-        .select_related("image", "model_version")
+        .select_related("image")
         .defer("embedding")
         .order_by("image__acquired_on", "image__uploaded_at", "image_id")
     )
+    analyses = list(analyses)
+    for a in analyses:  # one version object for all (not its JSON decoded once per row)
+        a.model_version = version
     latest: dict[int, Analysis] = {}
     highest: dict[int, Analysis] = {}
     for a in analyses:  # ordered by acquisition: the last one per lesion (its latest visit) wins

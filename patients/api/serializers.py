@@ -1,4 +1,6 @@
 """API representations. Writes are validated here for shape only; the services decide and store."""
+import copy
+
 from django.conf import settings
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
@@ -9,6 +11,33 @@ from melanoma_site.api import StrictJSONMixin
 from ..models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from ..selectors import visible_lesions, visible_patients
 from ..vocabulary import ANATOMIC_SITE_CHOICES, DIAGNOSIS_CHOICES, FITZPATRICK_CHOICES
+
+
+class VocabularyChoiceField(serializers.ChoiceField):
+    """A choice field over a fixed vocabulary (hundreds of ISIC terms). DRF deep-copies a
+    serializer's declared fields for every serializer it makes, and copying a ChoiceField copies and
+    re-indexes all of its choices: most of a lesion list's serialisation time. The vocabulary never
+    changes, so a copy shares it."""
+
+    def __deepcopy__(self, memo):
+        clone = copy.copy(self)
+        memo[id(self)] = clone
+        return clone
+
+
+def _url(serializer, viewname: str, pk) -> str:
+    """The absolute URL of ``viewname`` for object ``pk``. reverse() and build_absolute_uri() run
+    once per list response (a template with a placeholder id, kept in the serializer context), not
+    once per row."""
+    context = serializer.context
+    templates = context.setdefault("_url_templates", {}) if context else {}
+    template = templates.get(viewname)
+    if template is None:
+        template = templates[viewname] = _absolute(serializer, reverse(viewname, args=[_PLACEHOLDER]))
+    return template.replace(str(_PLACEHOLDER), str(int(pk)))
+
+
+_PLACEHOLDER = 9_876_543_210_123
 
 
 def _user(serializer):
@@ -70,13 +99,13 @@ class PatientSerializer(StrictJSONMixin, serializers.ModelSerializer):
 
     @extend_schema_field(serializers.URLField())
     def get_lesions_url(self, obj) -> str:
-        return _absolute(self, reverse("api:patient-lesions", args=[obj.pk]))
+        return _url(self, "api:patient-lesions", obj.pk)
 
 
 class LesionSerializer(StrictJSONMixin, serializers.ModelSerializer):
     patient = VisiblePatientField(help_text="Patient id (a patient you can see).")
-    anatomic_site = serializers.ChoiceField(choices=ANATOMIC_SITE_CHOICES, required=False, allow_blank=True)
-    diagnosis = serializers.ChoiceField(choices=DIAGNOSIS_CHOICES, required=False, allow_blank=True)
+    anatomic_site = VocabularyChoiceField(choices=ANATOMIC_SITE_CHOICES, required=False, allow_blank=True)
+    diagnosis = VocabularyChoiceField(choices=DIAGNOSIS_CHOICES, required=False, allow_blank=True)
     body_map_x = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
     body_map_y = serializers.FloatField(required=False, allow_null=True, min_value=0, max_value=1)
     anatomic_region = serializers.CharField(read_only=True)
@@ -99,7 +128,7 @@ class LesionSerializer(StrictJSONMixin, serializers.ModelSerializer):
 
     @extend_schema_field(serializers.URLField())
     def get_images_url(self, obj) -> str:
-        return _absolute(self, reverse("api:lesion-images", args=[obj.pk]))
+        return _url(self, "api:lesion-images", obj.pk)
 
 
 class LesionUpdateSerializer(LesionSerializer):
@@ -150,11 +179,11 @@ class LesionImageSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.URLField())
     def get_file_url(self, obj) -> str:
-        return _absolute(self, reverse("api:image-file", args=[obj.pk]))
+        return _url(self, "api:image-file", obj.pk)
 
     @extend_schema_field(serializers.URLField())
     def get_thumbnail_url(self, obj) -> str:
-        return _absolute(self, reverse("api:image-thumbnail", args=[obj.pk]))
+        return _url(self, "api:image-thumbnail", obj.pk)
 
     @extend_schema_field(serializers.URLField())
     def get_analyses_url(self, obj) -> str:

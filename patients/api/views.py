@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from melanoma_site.api import ContractMixin, IdFilter
 
 from .. import media, services
-from ..models import LesionReview
+from ..models import LesionReview, Patient
 from ..selectors import visible_images, visible_lesions, visible_patients, visible_reviews
 from ..uploads import UploadRejected
 from .filters import LesionFilter, LesionImageFilter, PatientFilter
@@ -76,6 +76,26 @@ class ServiceErrorsMixin(ContractMixin):
         return super().handle_exception(exc)
 
 
+class ListAuditMixin:
+    """Every list read through the API is recorded: ONE audit entry per request (the list's route,
+    its query parameters, the count, the ids shown and their patients), never one per row."""
+
+    def list(self, request, *args, **kwargs):
+        response = super().list(request, *args, **kwargs)
+        if response.status_code == 200:
+            data = response.data
+            rows = data.get("results", []) if isinstance(data, dict) else data
+            count = data.get("count") if isinstance(data, dict) else len(rows)
+            model = self.get_serializer_class().Meta.model
+            ids = [row["id"] for row in rows]
+            match = request.resolver_match
+            services.record_list_access(
+                user=request.user, model=model, query=request.query_params, count=count,
+                listing=f"api:{match.url_name}" if match and match.url_name else request.path, shown=ids,
+                patients=ids if model is Patient else [row.get("patient") for row in rows])
+        return response
+
+
 class ImageRenderer(renderers.BaseRenderer):
     """Lets ``Accept: image/*`` reach the file views (which answer with a FileResponse)."""
 
@@ -98,7 +118,7 @@ PATIENT_ORDERING = ["name", "mrn", "birth_date", "created_at", "updated_at", "la
     destroy=extend_schema(summary="Delete a patient with lesions and images (staff only)"),
 )
 @extend_schema(tags=["patients"])
-class PatientViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
+class PatientViewSet(ListAuditMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
     serializer_class = PatientSerializer
     parser_classes = [parsers.JSONParser]
     filterset_class = PatientFilter
@@ -134,7 +154,7 @@ def _lesions(user):
     retrieve=extend_schema(summary="One lesion (recorded in the audit trail as viewed)"),
 )
 @extend_schema(tags=["lesions"])
-class LesionViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
+class LesionViewSet(ListAuditMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
     serializer_class = LesionSerializer
     parser_classes = [parsers.JSONParser]
     filterset_class = LesionFilter
@@ -169,7 +189,7 @@ class LesionViewSet(ServiceErrorsMixin, viewsets.ModelViewSet):
     get=extend_schema(summary="Lesions of one patient"),
     post=extend_schema(summary="Add a lesion to this patient"),
 )
-class PatientLesionsView(ServiceErrorsMixin, generics.ListCreateAPIView):
+class PatientLesionsView(ListAuditMixin, ServiceErrorsMixin, generics.ListCreateAPIView):
     serializer_class = NestedLesionSerializer
     parser_classes = [parsers.JSONParser]
     filterset_class = LesionFilter
@@ -243,7 +263,7 @@ IF_NONE_MATCH = OpenApiParameter(
     destroy=extend_schema(summary="Delete an image and its stored files"),
 )
 @extend_schema(tags=["images"])
-class LesionImageViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+class LesionImageViewSet(ListAuditMixin, ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
                          mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = LesionImageSerializer
     filterset_class = LesionImageFilter
@@ -294,7 +314,7 @@ class LesionImageViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.Retri
 
 
 @extend_schema(tags=["images"])
-class LesionImagesView(ServiceErrorsMixin, generics.ListAPIView):
+class LesionImagesView(ListAuditMixin, ServiceErrorsMixin, generics.ListAPIView):
     serializer_class = LesionImageSerializer
     filterset_class = LesionImageFilter
     ordering_fields = ["acquired_on", "uploaded_at", "id"]
@@ -343,7 +363,7 @@ class LesionReviewFilter(django_filters.FilterSet):
     create=extend_schema(summary="Record a review decision on a lesion (supersedes the lesion's previous one)"),
 )
 @extend_schema(tags=["reviews"])
-class LesionReviewViewSet(ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
+class LesionReviewViewSet(ListAuditMixin, ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
                           mixins.CreateModelMixin, viewsets.GenericViewSet):
     """Append-only: reviews are never edited or deleted; a later review of the lesion supersedes."""
 
