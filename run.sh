@@ -36,7 +36,7 @@ pids+=($!)
 echo
 echo "Melanoma Records is running: http://127.0.0.1:${PORT}/  (Ctrl-C stops web server and worker)"
 echo
-.venv/bin/gunicorn melanoma_site.wsgi --bind "127.0.0.1:${PORT}" --workers 2 --threads 4 \
+.venv/bin/gunicorn melanoma_site.wsgi -c deploy/gunicorn.conf.py --bind "127.0.0.1:${PORT}" \
   --access-logfile - &
 pids+=($!)
 wait -n "${pids[@]}"

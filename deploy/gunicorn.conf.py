@@ -1,0 +1,34 @@
+"""gunicorn configuration of the web tier: ``gunicorn melanoma_site.wsgi -c deploy/gunicorn.conf.py``.
+
+Used by run.sh, the production compose file and bench/web.py. Every value can be set from the
+environment. Chosen by measurement on 2 cores (bench/web.py; README "Performance"):
+
+- one worker process per core (``WEB_WORKERS``, default: the CPUs this process may use), so the
+  pages' Python work runs in parallel on every core; more processes than cores only add switches;
+- ``gthread`` workers with a few threads each (``WEB_THREADS``, default 4): a thread waiting on
+  PostgreSQL or a slow client leaves the core to another request of the same process, and idle
+  keep-alive connections cost no worker;
+- the application is loaded once before forking (``preload_app``): workers start in a fraction of
+  a second and share the imported code; database connections are opened after the fork, one per
+  thread, and kept (``CONN_MAX_AGE`` in the settings);
+- workers are recycled after ``WEB_MAX_REQUESTS`` requests (with jitter) to bound memory growth.
+"""
+import os
+
+bind = os.environ.get("WEB_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("WEB_WORKERS") or len(os.sched_getaffinity(0)))
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "4"))
+preload_app = True
+keepalive = int(os.environ.get("WEB_KEEPALIVE", "5"))
+timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
+graceful_timeout = 30
+max_requests = int(os.environ.get("WEB_MAX_REQUESTS", "5000"))
+max_requests_jitter = max_requests // 10
+# The heartbeat file on a RAM disk where there is one (a disk write per beat otherwise).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+# Access log: "-" (stdout) or a path; off by default (one write per request).
+accesslog = os.environ.get("WEB_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("WEB_LOG_LEVEL", "info")
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
