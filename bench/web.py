@@ -9,8 +9,9 @@ What it does, in one run (about a minute and a half with the defaults):
    image analysed, some lesions reviewed) for one care team;
 2. starts gunicorn with the production configuration (``deploy/gunicorn.conf.py``, DEBUG off, static
    files collected) on a free loopback port;
-3. logs ``--clients`` browser clients in through the login page (each keeps its session cookie) and
-   gives the API clients a token;
+3. logs ``--clients`` clinicians in through the login page (each client keeps its session cookie)
+   and gives as many API clients a token each (the per-user API throttle stays on, its rate raised
+   so that it never refuses them);
 4. for each endpoint (worklist, patient page, API lists of patients, lesions, images, analyses) runs
    the clients in a closed loop for ``--seconds`` after a short warm-up, and prints requests/s,
    p50/p95/p99 latency and the server's CPU time per request (gunicorn processes, from /proc);
@@ -263,7 +264,7 @@ def run_load(clients: list[Client], next_path, *, seconds: float, warmup: float,
 
 # ------------------------------------------------------------------------------------- seeding
 
-def seed(n_patients: int, *, lesions_per_patient=3, images_per_lesion=2) -> dict:
+def seed(n_patients: int, *, n_users: int, lesions_per_patient=3, images_per_lesion=2) -> dict:
     """Patients of one care team with lesions, images (one small file on disk shared by every row:
     the lists never read it), a finished analysis by the active version per image and reviews on a
     third of the lesions. Bulk inserts: no audit entries, seconds for hundreds of rows."""
@@ -281,16 +282,20 @@ def seed(n_patients: int, *, lesions_per_patient=3, images_per_lesion=2) -> dict
 
     User = get_user_model()
     users = []
-    for i in range(4):
-        u = User(username=f"bench.dr{i}", first_name="Bench", last_name=f"Clinician {i}")
-        u.set_password(PASSWORD)
+    hashed = None
+    for i in range(n_users):
+        u = User(username=f"bench.dr{i:03d}", first_name="Bench", last_name=f"Clinician {i}")
+        if hashed is None:
+            u.set_password(PASSWORD)
+            hashed = u.password
+        u.password = hashed  # one hash for all (PBKDF2 is slow by design); each logs in normally
         users.append(u)
     User.objects.bulk_create(users)
     users = list(User.objects.filter(username__startswith="bench.dr").order_by("username"))
     team = CareTeam.objects.create(name="Bench dermatology")
     team.members.add(*users)
     other = CareTeam.objects.create(name="Bench other team")  # patients nobody here may see
-    token = Token.objects.create(user=users[0]).key
+    tokens = [Token.objects.create(user=u).key for u in users]
 
     version = ModelVersion.objects.get(is_active=True)
     jpeg = lesion_image(seed=1, size=128)
@@ -343,7 +348,7 @@ def seed(n_patients: int, *, lesions_per_patient=3, images_per_lesion=2) -> dict
     with connection.cursor() as cursor:  # planner statistics, as a database in use has them
         cursor.execute("ANALYZE")
     visible = [p.pk for p in patients if p.care_team_id == team.pk]
-    return {"users": [u.username for u in users], "token": token, "patients": visible,
+    return {"users": [u.username for u in users], "tokens": tokens, "patients": visible,
             "lesions": [l.pk for l in lesions if l.patient.care_team_id == team.pk],
             "images": len(images), "analyses": len(analyses), "version": version.pk}
 
@@ -405,6 +410,9 @@ def main() -> int:
         "SECRET_KEY": secrets.token_urlsafe(40), "ALLOWED_HOSTS": "127.0.0.1,localhost,testserver",
         "VAR_DIR": str(tmp / "var"), "MEDIA_ROOT": str(tmp / "media"), "MODEL_ROOT": str(tmp / "models"),
         "CELERY_QUEUE": queue, "LOG_LEVEL": "WARNING", "NO_ALBUMENTATIONS_UPDATE": "1",
+        # The per-user API throttle stays on (its cache round trip is part of each request's cost)
+        # but high enough never to refuse the bench's clients.
+        "API_THROTTLE_USER": "1000000/minute",
         "PYTHONUNBUFFERED": "1",
     }
     os.environ.update(env)
@@ -451,7 +459,7 @@ def _run(args, env, tmp, queue, broker, procs, t_start) -> int:
 
     django.setup()
     t0 = time.perf_counter()
-    data = seed(args.patients)
+    data = seed(args.patients, n_users=args.clients)
     log(f"seeded {len(data['patients'])} visible patients ({args.patients // 9} more of another team), "
         f"{data['images']} images, {data['analyses']} analyses in {time.perf_counter() - t0:.1f}s")
 
@@ -467,7 +475,7 @@ def _run(args, env, tmp, queue, broker, procs, t_start) -> int:
     if args.only:
         wanted = [x.strip() for x in args.only.split(",")]
         endpoints = {k: v for k, v in endpoints.items() if k in wanted}
-    queries = query_counts(endpoints, data["users"][0], data["token"])
+    queries = query_counts(endpoints, data["users"][0], data["tokens"][0])
 
     port = free_port()
     conf = Path(args.gunicorn_config)
@@ -502,10 +510,10 @@ def _run(args, env, tmp, queue, broker, procs, t_start) -> int:
         t.join()
     if any(c is None for c in page_clients):
         raise SystemExit("a login failed")
-    api_clients = [Client(port, {"Authorization": f"Token {data['token']}", "Accept": "application/json"})
-                   for _ in range(args.clients)]
-    log(f"{args.clients} browser clients logged in (session cookies) in {time.perf_counter() - t0:.1f}s; "
-        f"{args.clients} API clients with a token")
+    api_clients = [Client(port, {"Authorization": f"Token {data['tokens'][i]}", "Accept": "application/json"})
+                   for i in range(args.clients)]
+    log(f"{args.clients} clinicians logged in (session cookies) in {time.perf_counter() - t0:.1f}s; "
+        f"{args.clients} API clients, each with its own token")
     # Each endpoint answers 200 before anything is measured.
     for name, (kind, path_of) in endpoints.items():
         status, _, body = (page_clients if kind == "page" else api_clients)[0].request("GET", path_of(0))
@@ -559,7 +567,7 @@ def busy_phase(args, env, tmp, queue, procs, port, data, measure):
         time.sleep(0.2)
     log(f"worker ready in {time.perf_counter() - t0:.1f}s")
 
-    uploader = Client(port, {"Authorization": f"Token {data['token']}", "Accept": "application/json"})
+    uploader = Client(port, {"Authorization": f"Token {data['tokens'][0]}", "Accept": "application/json"})
     lesions = data["lesions"]
     stop = threading.Event()
     state = {"uploads": 0, "failed": 0, "seed": 1000}

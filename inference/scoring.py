@@ -9,8 +9,10 @@ No torch: the web process imports this module.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
+from django.core.signals import request_finished, request_started
 from django.utils import timezone
 
 from .models import Analysis, ModelVersion
@@ -142,8 +144,33 @@ class LesionResult:
         }
 
 
+# Within one web request the active version is read once: a page asks for it from several places
+# (results, image partials, the context chart) and each read decodes its JSON card, metrics and
+# context model. The memo lives in the request's thread from request_started to request_finished;
+# outside requests (worker, commands) every call reads the database.
+_request = threading.local()
+
+
+def _begin_request(**kwargs) -> None:
+    _request.memo = {}
+
+
+def _end_request(**kwargs) -> None:
+    _request.memo = None
+
+
+request_started.connect(_begin_request, dispatch_uid="inference.scoring.begin_request")
+request_finished.connect(_end_request, dispatch_uid="inference.scoring.end_request")
+
+
 def active_version() -> ModelVersion | None:
-    return ModelVersion.objects.filter(is_active=True).first()
+    """The active model version (read once per web request)."""
+    memo = getattr(_request, "memo", None)
+    if memo is None:
+        return ModelVersion.objects.filter(is_active=True).first()
+    if "active" not in memo:
+        memo["active"] = ModelVersion.objects.filter(is_active=True).first()
+    return memo["active"]
 
 
 # What a result needs of an analysis; the rest (the embedding, the context features, timings...)

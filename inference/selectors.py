@@ -6,7 +6,7 @@ from django.db.models import Prefetch, QuerySet
 from patients.selectors import visible_images
 
 from .models import Analysis, ModelVersion
-from .services import active_model_version
+from .scoring import active_version as active_model_version
 
 
 def visible_analyses(user) -> QuerySet[Analysis]:

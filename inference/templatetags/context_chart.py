@@ -54,7 +54,9 @@ def _fmt_pct(p) -> str:
 
 
 def _version_for(patient):
-    version = ModelVersion.objects.filter(is_active=True).first()
+    from ..scoring import active_version
+
+    version = active_version()
     if version is None:
         version = (ModelVersion.objects.filter(
             analyses__image__lesion__patient=patient, analyses__status=Analysis.Status.DONE

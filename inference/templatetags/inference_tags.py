@@ -7,7 +7,7 @@ this costs no query per image; the active model version is looked up once per re
 """
 from django import template
 
-from .. import scoring, services
+from .. import scoring
 
 register = template.Library()
 
@@ -18,7 +18,7 @@ def _active_version(context):
     request = context.get("request")
     cached = getattr(request, "_inference_active_version", _MISSING) if request is not None else _MISSING
     if cached is _MISSING:
-        cached = services.active_model_version()
+        cached = scoring.active_version()  # once per request
         if request is not None:
             request._inference_active_version = cached
     return cached
