@@ -386,6 +386,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.7, help="unmeasured seconds before each measurement")
     ap.add_argument("--uploads", type=int, default=20, help="images uploaded at the start of the busy phase")
     ap.add_argument("--no-busy", action="store_true", help="skip the phase with a busy worker")
+    ap.add_argument("--worker-timeout", type=float, default=300,
+                    help="seconds the worker may take to load the model and analyse a first upload")
     ap.add_argument("--gunicorn-config", default=str(ROOT / "deploy" / "gunicorn.conf.py"),
                     help="gunicorn configuration file (default: %(default)s; when missing: "
                          "--workers 2 --threads 4, the earlier run.sh flags)")
@@ -393,7 +395,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated endpoint names to measure")
     ap.add_argument("--save", help="write the figures as JSON to this file")
     ap.add_argument("--compare", help="a JSON file from an earlier --save: print this run beside it")
-    ap.add_argument("--keep-db", action="store_true", help="do not drop the database at the end")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the database and the temporary folder (logs, media) at the end")
     args = ap.parse_args()
 
     db_url = args.database_url
@@ -432,11 +435,13 @@ def main() -> int:
         from django.db import connections
 
         connections.close_all()
-        if not args.keep_db:
-            try:
-                recreate_database(db_url, drop_only=True)
-            except Exception as exc:  # noqa: BLE001
-                log(f"could not drop the bench database: {exc}")
+        if args.keep:
+            log(f"kept the database and {tmp} (gunicorn.log, worker.log)")
+            return
+        try:
+            recreate_database(db_url, drop_only=True)
+        except Exception as exc:  # noqa: BLE001
+            log(f"could not drop the bench database: {exc}")
         shutil.rmtree(tmp, ignore_errors=True)
 
     try:
@@ -558,7 +563,7 @@ def busy_phase(args, env, tmp, queue, procs, port, data, measure):
         [str(BIN / "celery"), "-A", "melanoma_site", "worker", "-Q", queue, "--concurrency", "1",
          "--pool", "prefork", "--loglevel", "INFO", "-n", f"{queue}@%h",
          "--without-gossip", "--without-mingle", "--without-heartbeat"],
-        cwd=ROOT, env=env, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=ROOT, env={**env, "LOG_LEVEL": "INFO"}, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True)
     procs.append(worker)
     deadline = time.monotonic() + 180
     while b" ready." not in wlog_path.read_bytes():
@@ -584,6 +589,18 @@ def busy_phase(args, env, tmp, queue, procs, port, data, measure):
     def pending() -> int:
         return Analysis.objects.filter(status__in=[Analysis.Status.QUEUED, Analysis.Status.RUNNING]).count()
 
+    # The worker loads and probes the model in its pool process after "ready": wait for a first
+    # analysis, so that the phase measures the pages beside a worker analysing, not loading.
+    done_before = Analysis.objects.filter(status=Analysis.Status.DONE).count()
+    upload(1)
+    deadline = time.monotonic() + args.worker_timeout
+    while Analysis.objects.filter(status=Analysis.Status.DONE).count() == done_before:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the worker analysed nothing in {args.worker_timeout} s:\n"
+                             f"{wlog_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.25)
+    t_warm = time.perf_counter() - t0
+    log(f"worker warm (first upload analysed) {t_warm:.1f}s after its start")
     done_before = Analysis.objects.filter(status=Analysis.Status.DONE).count()
     upload(args.uploads)
     log(f"uploaded {state['uploads']} images ({state['failed']} refused); {pending()} analyses pending")
@@ -605,7 +622,7 @@ def busy_phase(args, env, tmp, queue, procs, port, data, measure):
     feed.join()
     cpu1, t2 = process_group_cpu(worker.pid), time.perf_counter()
     done = Analysis.objects.filter(status=Analysis.Status.DONE).count() - done_before
-    info = {"worker_start_s": round(t1 - t0, 1), "uploads": state["uploads"], "uploads_refused": state["failed"],
+    info = {"worker_warm_s": round(t_warm, 1), "uploads": state["uploads"], "uploads_refused": state["failed"],
             "analyses_done": done, "pending_at_end": pending(), "phase_s": round(t2 - t1, 1),
             "worker_cores": round((cpu1 - cpu0) / (t2 - t1), 2)}
     if not done:
@@ -642,7 +659,7 @@ def print_report(args, results, queries, busy_info, data, gunicorn_cmd, elapsed)
           f"{os.cpu_count() * 1000 / max(cpu):.0f}-{os.cpu_count() * 1000 / min(cpu):.0f} req/s on "
           f"{os.cpu_count()} idle cores for the server alone (the client shares them here)")
     if busy_info:
-        print(f"busy phase: the worker (ready after {busy_info['worker_start_s']} s) finished "
+        print(f"busy phase: the worker (warm {busy_info['worker_warm_s']} s after its start) finished "
               f"{busy_info['analyses_done']} analyses of {busy_info['uploads']} uploads "
               f"({busy_info['pending_at_end']} still pending), using {busy_info['worker_cores']} cores on average")
     if args.compare:

@@ -173,9 +173,13 @@ def active_version() -> ModelVersion | None:
     return memo["active"]
 
 
-# What a result needs of an analysis; the rest (the embedding, the context features, timings...)
+# What a result needs of an analysis and its image (score, flag, source, when, heatmap, score
+# change); the rest (the embedding, context features, timings, the image's hashes and quality...)
 # stays in the database: lists of results read hundreds of rows.
-RESULT_DEFERRED = ("embedding", "context_features", "member_probabilities", "timings", "heatmap_info", "error")
+RESULT_FIELDS = ("id", "image", "model_version", "status", "probability", "final_score", "final_score_source",
+                 "context_explanation", "previous_final_score", "score_changed_at", "score_change_reason",
+                 "queued_at", "started_at", "finished_at", "context_updated_at", "heatmap",
+                 "image__id", "image__lesion", "image__acquired_on", "image__uploaded_at", "image__image_type")
 
 
 def done_analyses(image_filter: dict, version: ModelVersion | None = None):
@@ -187,7 +191,7 @@ def done_analyses(image_filter: dict, version: ModelVersion | None = None):
     if version is None:
         return Analysis.objects.none()
     return (Analysis.objects.filter(model_version=version, status=Analysis.Status.DONE, **image_filter)
-            .select_related("image").defer(*RESULT_DEFERRED))
+            .select_related("image").only(*RESULT_FIELDS))
 
 
 def _with_version(image_filter: dict, version: ModelVersion | None):

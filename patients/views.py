@@ -77,6 +77,7 @@ def worklist(request):
     _attach_patient_results(list(page))
     for p in page:
         p.age = p.age_on(today)
+        p.url = reverse("patients:patient_detail", args=[p.pk])
     shown = [p.pk for p in page]
     services.record_list_access(user=request.user, model=Patient, listing="worklist", query=request.GET,
                                 count=page.paginator.count, shown=shown, patients=shown)
