@@ -15,3 +15,4 @@ class InferenceConfig(AppConfig):
         # decisions: audited (activation through the services writes its own entry, see
         # inference.services.versions).
         auditlog.register(ModelVersion, include_fields=["name", "is_active", "threshold", "validated"])
+        from . import workers  # noqa: F401  (worker leases: claims of dead workers handed back at start)

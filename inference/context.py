@@ -31,7 +31,7 @@ from django.utils import timezone
 from patients.models import Patient
 from training import context_features as cf
 
-from .models import Analysis, ModelVersion
+from .models import Analysis, ModelVersion, PendingRescore
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,13 @@ def rescore_patient(*, patient_id: int, model_version_id: int) -> int:
     """Recompute the context features and final score of every done analysis of this patient for
     this model version. Returns the number of analyses re-scored."""
     with transaction.atomic():
-        patient = Patient.objects.select_for_update().get(pk=patient_id)
+        patient = Patient.objects.select_for_update().filter(pk=patient_id).first()
+        if patient is None:  # deleted meanwhile (its pending row went with it)
+            return 0
+        # The outbox row that asked for this pass: done when this pass commits, unless a newer
+        # request replaced its token meanwhile (then it stays, and is sent again).
+        pending = PendingRescore.objects.filter(patient_id=patient_id, model_version_id=model_version_id)
+        token = pending.values_list("token", flat=True).first()
         version = ModelVersion.objects.get(pk=model_version_id)
         analyses = list(
             Analysis.objects.filter(
@@ -214,6 +220,7 @@ def rescore_patient(*, patient_id: int, model_version_id: int) -> int:
             .order_by("image__acquired_on", "image__uploaded_at", "image_id")
         )
         if not analyses:
+            pending.filter(token=token).delete()
             return 0
         X, scores, source, explanations = compute_patient_context(patient, analyses, version)
         now = timezone.now()
@@ -235,4 +242,5 @@ def rescore_patient(*, patient_id: int, model_version_id: int) -> int:
             analyses, ["context_features", "context_explanation", "final_score", "final_score_source",
                        "context_updated_at", "previous_final_score", "score_changed_at", "score_change_reason"]
         )
+        pending.filter(token=token).delete()
     return len(analyses)

@@ -224,3 +224,52 @@ def _remove_heatmap_file(sender, instance, **kwargs):
 
 models.signals.post_delete.connect(_remove_heatmap_file, sender=Analysis,
                                    dispatch_uid="inference.remove_heatmap_file")
+
+
+class PendingRescore(models.Model):
+    """Outbox row: this patient's context must be recomputed for this model version.
+
+    Written in the same transaction as the change that made the context stale (a lesion's site, a
+    deleted image, a new result, a replaced context model). It stays until a re-scoring pass that
+    started after the request has committed (``inference.context.rescore_patient`` deletes it when
+    the ``token`` it read is still the row's), so a lost message, a broker that was down or a worker
+    that died is recovered by the sweeper, which re-sends rows not sent recently.
+    """
+
+    patient = models.ForeignKey("patients.Patient", on_delete=models.CASCADE, related_name="+")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="+")
+    # A new request replaces the token: a pass that read the old one leaves the row for another pass.
+    token = models.CharField(max_length=32)
+    requested_at = models.DateTimeField()
+    # Last time a task message was sent for it (NULL: never; the sweeper sends those first).
+    sent_at = models.DateTimeField(null=True, blank=True)
+    sends = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["patient", "model_version"], name="one_pending_rescore")]
+        indexes = [models.Index(fields=["sent_at"], name="pending_rescore_sent")]
+
+    def __str__(self):
+        return f"re-score patient {self.patient_id} for version {self.model_version_id}"
+
+
+class WorkerLease(models.Model):
+    """A running worker process (its main process): claims are stamped with ``name``.
+
+    The worker writes a heartbeat every few seconds; a worker that starts (and the sweeper) hands
+    back the claims of workers that no longer exist: same host and the process is gone, or no
+    heartbeat for WORKER_LEASE_SECONDS (another host).
+    """
+
+    name = models.CharField(max_length=200, unique=True)
+    hostname = models.CharField(max_length=255)
+    pid = models.PositiveIntegerField()
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+    stopped_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self):
+        return self.name

@@ -4,15 +4,15 @@ prefork child by ``inference.predictor`` and cached there (once per worker proce
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
-import socket
 import time
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
-from django.db import OperationalError, transaction
+from django.db import OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,15 @@ DB_RETRY = dict(autoretry_for=(OperationalError,), retry_backoff=2, retry_backof
 
 
 def _worker_name(task) -> str:
-    return getattr(task.request, "hostname", None) or socket.gethostname()
+    from .workers import claim_name
+
+    return claim_name(task)
+
+
+# Errors that may go away by themselves: the claims are handed back for another try (attempts kept,
+# so an image that fails every time still ends failed after ANALYSIS_MAX_ATTEMPTS).
+TRANSIENT_ERRORS = (SoftTimeLimitExceeded, OperationalError, OSError)
+RETRY_DELAY = 10  # seconds before another try of a released analysis
 
 
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
@@ -42,34 +50,55 @@ def analyze_image(self, analysis_id: int) -> dict:
     if version is None:
         return {"analysis": analysis_id, "claimed": 0}  # done, failed, gone or held by a live worker
     # Load (or reuse) the model before claiming, so a claim is held only for the inference itself.
-    model = load_model(version)
+    try:
+        model = load_model(version)
+    except TRANSIENT_ERRORS as exc:
+        # A time limit or a passing error while loading: this analysis gets another try, and the try
+        # counts (claim, then hand back), so a model that never loads ends in "failed", not a loop.
+        token, claimed = services.claim_analyses(analysis_id=analysis_id, worker=_worker_name(self), batch_size=1)
+        _release(token, reason=f"loading the model: {type(exc).__name__}: {exc}")
+        if isinstance(exc, SoftTimeLimitExceeded):
+            raise
+        return {"analysis": analysis_id, "claimed": len(claimed), "released": len(claimed)}
     token, claimed = services.claim_analyses(analysis_id=analysis_id, worker=_worker_name(self))
     if not claimed:
         return {"analysis": analysis_id, "claimed": 0}
     try:
         done = run_claimed(token, claimed, model)
     except SoftTimeLimitExceeded:
-        released = services.release_claim(token=token)
-        log.warning("time limit hit on analyses %s; released %s for another try", [a.pk for a in claimed], released)
-        for pk in released:
-            analyze_image.apply_async((pk,), countdown=5)
+        _release(token, reason="time limit")
         raise
     except OperationalError:
         try:  # give the rows back if the database lets us; the sweeper covers the rest
-            for pk in services.release_claim(token=token):
-                analyze_image.apply_async((pk,), countdown=5)
+            _release(token, reason="database error")
         except Exception:  # noqa: BLE001
             pass
         raise
     return {"analysis": analysis_id, "claimed": len(claimed), "done": done}
 
 
+def _release(token: str, *, reason: str, analysis_ids=None) -> list[int]:
+    """Hand claims back for another try (attempts kept) and send them again after a short delay."""
+    from . import services
+
+    released = services.release_claim(token=token, analysis_ids=analysis_ids, reason=reason)
+    if released:
+        log.warning("%s: analyses %s released for another try", reason, released)
+        services.outbox.send_analyses(released, countdown=RETRY_DELAY)
+    return released
+
+
 def load_model(version):
-    """(predictor, loaded_now) from the per-process cache, or the exception if the model is unusable."""
+    """(predictor, loaded_now) from the per-process cache, or the exception if the model is unusable.
+
+    A time limit and errors that may pass (database, I/O: the weights file on a share that comes
+    back) are raised, not returned: the caller hands the claims back for another try."""
     from .predictor import predictor_for_version
 
     try:
         return predictor_for_version(version)
+    except TRANSIENT_ERRORS:
+        raise
     except Exception as exc:  # noqa: BLE001 -- reported on every claimed row by run_claimed
         log.exception("cannot load model version %s", version.pk)
         return exc
@@ -81,7 +110,13 @@ def run_claimed(token: str, claimed, model=None) -> int:
 
     version = claimed[0].model_version
     if model is None or (not isinstance(model, Exception) and model[0].version_id not in (None, version.pk)):
-        model = load_model(version)
+        try:
+            model = load_model(version)
+        except TRANSIENT_ERRORS as exc:
+            _release(token, reason=f"loading the model: {type(exc).__name__}: {exc}")
+            if isinstance(exc, SoftTimeLimitExceeded):
+                raise
+            return 0
     if isinstance(model, Exception):
         for a in claimed:
             services.fail_analysis(analysis=a, token=token,
@@ -89,18 +124,28 @@ def run_claimed(token: str, claimed, model=None) -> int:
         return 0
     pred, loaded_now = model
 
-    arrays, ok, load_ms = [], [], []
+    arrays, ok, load_ms, unreadable = [], [], [], []
     for a in claimed:
         t0 = time.perf_counter()
-        try:
+        try:  # reading the stored bytes: an I/O error may pass (storage hiccup): another try
             with a.image.file.open("rb") as fh:
-                arrays.append(pred.load(fh))
-        except Exception as exc:  # noqa: BLE001 -- unreadable image: failed now, with the reason
+                data = fh.read()
+        except OSError as exc:
+            log.warning("analysis %s: reading %s failed: %s", a.pk, a.image.file.name, exc)
+            unreadable.append(a.pk)
+            continue
+        try:  # decoding: a file that does not decode will not decode next time either
+            arrays.append(pred.load(io.BytesIO(data)))
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- undecodable image: failed now, with the reason
             services.fail_analysis(analysis=a, token=token,
                                    reason=f"The image could not be read: {type(exc).__name__}: {exc}")
             continue
         ok.append(a)
         load_ms.append((time.perf_counter() - t0) * 1000)
+    if unreadable:
+        _release(token, reason="stored file not readable", analysis_ids=unreadable)
     if not ok:
         return 0
     try:
@@ -132,6 +177,7 @@ def run_claimed(token: str, claimed, model=None) -> int:
                                       embedding=out.embeddings[i], timings=timings,
                                       member_probabilities=out.members_of(i) if pred.bundle.is_ensemble else None):
             patients.add(a.image.lesion.patient_id)
+    # complete_analysis recorded each patient's pending re-scoring with the result (outbox).
     rescore_after_analysis(sorted(patients), version.pk)
     # Explanation heatmaps come after the scores, as their own tasks: they never delay a score.
     for a in ok:
@@ -145,19 +191,24 @@ def rescore_after_analysis(patient_ids, model_version_id: int) -> None:
     in this task, so the final score does not wait for a second trip through the queue; more (a
     burst, a re-analysis): one ``rescore_patient`` task each. Re-scoring is idempotent, so a failure
     here falls back to the task."""
+    from . import services
     from .context import rescore_patient as rescore
 
     inline = len(patient_ids) <= int(getattr(settings, "ANALYSIS_INLINE_RESCORE_MAX", 4))
+    queued = []
     for patient_id in patient_ids:
         if inline:
             try:
-                rescore(patient_id=patient_id, model_version_id=model_version_id)
+                rescore(patient_id=patient_id, model_version_id=model_version_id)  # clears its outbox row
                 continue
             except SoftTimeLimitExceeded:
                 raise
             except Exception:  # noqa: BLE001 -- the task retries it on its own
                 log.exception("inline re-scoring of patient %s failed; queued as a task", patient_id)
-        transaction.on_commit(lambda p=patient_id: rescore_patient.delay(p, model_version_id))
+        queued.append((patient_id, model_version_id))
+    # Pending rows were recorded with the results (complete_analysis): the outbox sends them
+    # (never raising; the sweeper re-sends what the broker did not take).
+    services.outbox.dispatch_rescores(queued)
 
 
 @shared_task(bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True,

@@ -276,7 +276,13 @@ AUDITLOG_INCLUDE_ALL_MODELS = False
 REDIS_URL = env("REDIS_URL", default="")
 if REDIS_URL:
     CELERY_BROKER_URL = REDIS_URL
-    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    # Short socket timeouts: a request whose post-commit send meets a dead broker gives up in about
+    # a second (the outbox rows stay pending for the sweeper) instead of hanging.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": 3600,
+        "socket_connect_timeout": env.float("BROKER_CONNECT_TIMEOUT", default=2.0),
+        "socket_timeout": env.float("BROKER_SOCKET_TIMEOUT", default=10.0),
+    }
 else:
     _broker = VAR_DIR / "broker"
     for _sub in ("out", "processed", "control"):
@@ -306,11 +312,20 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_TIMEOUT = env.float("BROKER_CONNECT_TIMEOUT", default=2.0)
+# Sending a task: one quick retry, then the outbox dispatcher gives up (the row stays pending).
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2,
+                                    "interval_max": 0.2}
 CELERY_TASK_ALWAYS_EAGER = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # How long an analysis may stay queued/running before the sweeper hands it out again.
 ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=300)
 ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
+# At most this many messages per sweep, less those already waiting in the queue (no flood).
+ANALYSIS_SWEEP_LIMIT = env.int("ANALYSIS_SWEEP_LIMIT", default=200)
+# Worker leases: heartbeat interval, and the silence after which a worker on another host is dead.
+WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
+WORKER_LEASE_SECONDS = env.float("WORKER_LEASE_SECONDS", default=60.0)
 ANALYSIS_BATCH_SIZE = env.int("ANALYSIS_BATCH_SIZE", default=8)
 ANALYSIS_SOFT_TIME_LIMIT = env.int("ANALYSIS_SOFT_TIME_LIMIT", default=300)
 ANALYSIS_TIME_LIMIT = env.int("ANALYSIS_TIME_LIMIT", default=360)

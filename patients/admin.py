@@ -5,13 +5,21 @@ must pass the one validation path (patients.uploads via services.upload_images).
 the lesion page (staff see every patient); the admin links there. Image metadata (type, date) can be
 corrected and images deleted (the stored files go with the row). Thumbnails are shown through the
 protected media view, never a public URL. Audit log entries are listed by django-auditlog's own admin.
+
+Every change and deletion goes through the same services as the pages and the API
+(``patients.services``), so the admin checks the same rules, writes the same audit entries and
+queues the same re-scoring (a lesion's site, an image's date, a deleted image change the
+patient's context). A lesion cannot be moved to another patient (the API refuses it too).
 """
+from django import forms
 from django.contrib import admin
+from django.core.exceptions import ValidationError
 from django.db.models import Count
 from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from . import services
 from .models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from .uploads import human_size
 
@@ -37,6 +45,71 @@ def _lesion_page_link(lesion):
     except NoReverseMatch:
         return "the lesion page"
     return format_html('<a href="{}">the lesion page</a>', url)
+
+
+def _changes(form, fields) -> dict:
+    """The changed fields of a bound model form, as the services take them."""
+    return {name: form.cleaned_data[name] for name in form.changed_data if name in fields}
+
+
+class _ServiceChecks(forms.ModelForm):
+    """Runs, at validation time, the checks the services make beyond the model's own, so the admin
+    shows them as form errors (not as a server error at save time)."""
+
+    def clean(self):
+        cleaned = super().clean()
+        try:
+            self.service_checks(cleaned)
+        except ValidationError as exc:
+            raise ValidationError(exc.message_dict if hasattr(exc, "error_dict") else exc.messages) from None
+        return cleaned
+
+    def service_checks(self, cleaned):
+        pass
+
+
+class PatientAdminForm(_ServiceChecks):
+    def service_checks(self, cleaned):
+        services._check_birth_date(cleaned.get("birth_date"))
+
+
+class LesionAdminForm(_ServiceChecks):
+    def service_checks(self, cleaned):
+        if "body_map_x" in self.fields and "body_map_y" in self.fields:
+            services._check_body_map(cleaned.get("body_map_x"), cleaned.get("body_map_y"))
+
+
+class ImageAdminForm(_ServiceChecks):
+    def service_checks(self, cleaned):
+        day = cleaned.get("acquired_on")
+        if day is not None and day > timezone.localdate():
+            raise ValidationError({"acquired_on": "The acquisition date cannot be in the future."})
+
+
+class ServiceInlinesMixin:
+    """Inline lesions and images are saved and deleted through the services, one by one."""
+
+    def save_formset(self, request, form, formset, change):
+        formset.save(commit=False)  # fills new/changed/deleted_objects; writes nothing
+        user = request.user
+        for obj in formset.deleted_objects:
+            if isinstance(obj, Lesion):
+                services.delete_lesion(user=user, lesion=obj)
+            elif isinstance(obj, LesionImage):
+                services.delete_image(user=user, image=obj)
+        for obj, changed in formset.changed_objects:
+            if isinstance(obj, Lesion):
+                services.update_lesion(user=user, lesion=obj,
+                                       data={k: getattr(obj, k) for k in changed if k in services.LESION_FIELDS})
+            elif isinstance(obj, LesionImage):
+                services.update_image(user=user, image=obj,
+                                      data={k: getattr(obj, k) for k in changed if k in services.IMAGE_FIELDS})
+        for obj in formset.new_objects:
+            if isinstance(obj, Lesion):
+                new = services.create_lesion(user=user, patient=obj.patient, **{
+                    k: getattr(obj, k) for k in services.LESION_FIELDS})
+                obj.pk = new.pk
+        formset.save_m2m()
 
 
 class VisibleRecordsMixin:
@@ -87,7 +160,7 @@ class LesionInline(admin.TabularInline):
 
 
 @admin.register(Patient)
-class PatientAdmin(VisibleRecordsMixin, admin.ModelAdmin):
+class PatientAdmin(ServiceInlinesMixin, VisibleRecordsMixin, admin.ModelAdmin):
     list_display = ["mrn", "name", "birth_date", "sex", "fitzpatrick_skin_type", "care_team", "last_activity_at"]
     list_filter = ["sex", "care_team", "fitzpatrick_skin_type"]
     search_fields = ["mrn", "name"]
@@ -95,14 +168,27 @@ class PatientAdmin(VisibleRecordsMixin, admin.ModelAdmin):
     readonly_fields = ["created_at", "updated_at", "last_activity_at"]
     date_hierarchy = "last_activity_at"
     inlines = [LesionInline]
+    form = PatientAdminForm
 
     def save_model(self, request, obj, form, change):
-        obj.last_activity_at = timezone.now()
-        super().save_model(request, obj, form, change)
+        if change:
+            services.update_patient(user=request.user, patient=obj, data=_changes(form, services.PATIENT_FIELDS))
+        else:
+            new = services.create_patient(user=request.user, **{
+                k: form.cleaned_data.get(k) for k in services.PATIENT_FIELDS})
+            obj.pk, obj.last_activity_at = new.pk, new.last_activity_at
+
+    def delete_model(self, request, obj):
+        services.delete_patient(user=request.user, patient=obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            services.delete_patient(user=request.user, patient=obj)
 
 
 class LesionImageInline(admin.TabularInline):
     model = LesionImage
+    form = ImageAdminForm
     extra = 0
     fields = ["preview", "image_type", "acquired_on", "dimensions", "size", "format", "sha256", "uploaded_by",
               "uploaded_at"]
@@ -127,7 +213,7 @@ class LesionImageInline(admin.TabularInline):
 
 
 @admin.register(Lesion)
-class LesionAdmin(VisibleRecordsMixin, admin.ModelAdmin):
+class LesionAdmin(ServiceInlinesMixin, VisibleRecordsMixin, admin.ModelAdmin):
     patient_lookup = "patient"
     list_display = ["label", "patient", "anatomic_site", "diagnosis", "image_count", "updated_at"]
     list_filter = ["anatomic_site", "diagnosis"]
@@ -136,9 +222,30 @@ class LesionAdmin(VisibleRecordsMixin, admin.ModelAdmin):
     autocomplete_fields = ["patient"]
     readonly_fields = ["upload_hint", "created_at", "updated_at"]
     inlines = [LesionImageInline]
+    form = LesionAdminForm
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_images=Count("images"))
+
+    def get_readonly_fields(self, request, obj=None):
+        # A lesion stays with its patient (the API refuses a move too): chosen once, when it is added.
+        fields = list(super().get_readonly_fields(request, obj))
+        return ["patient", *fields] if obj is not None else fields
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            services.update_lesion(user=request.user, lesion=obj, data=_changes(form, services.LESION_FIELDS))
+        else:
+            new = services.create_lesion(user=request.user, patient=form.cleaned_data["patient"], **{
+                k: form.cleaned_data.get(k) for k in services.LESION_FIELDS})
+            obj.pk = new.pk
+
+    def delete_model(self, request, obj):
+        services.delete_lesion(user=request.user, lesion=obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            services.delete_lesion(user=request.user, lesion=obj)
 
     @admin.display(description="images", ordering="_images")
     def image_count(self, obj):
@@ -163,9 +270,20 @@ class LesionImageAdmin(VisibleRecordsMixin, admin.ModelAdmin):
     fields = ["preview", "lesion", "image_type", "acquired_on", "dimensions", "size", "size_bytes", "format",
               "original_format", "sha256", "upload_sha256", "uploaded_by", "uploaded_at", "upload_hint"]
     readonly_fields = [*IMAGE_READONLY, "upload_hint"]
+    form = ImageAdminForm
 
     def has_add_permission(self, request):
         return False  # uploads go through the validated upload path on the lesion page
+
+    def save_model(self, request, obj, form, change):
+        services.update_image(user=request.user, image=obj, data=_changes(form, services.IMAGE_FIELDS))
+
+    def delete_model(self, request, obj):
+        services.delete_image(user=request.user, image=obj)
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            services.delete_image(user=request.user, image=obj)
 
     @admin.display(description="preview")
     def preview(self, obj):

@@ -387,17 +387,25 @@ def upload_images(*, user, lesion, files, image_type, acquired_on) -> list[Uploa
         raise UploadRejected(refused)
 
     written: list[str] = []
+    committed: list[bool] = []
     try:
         outcomes = _store_images(user=user, lesion=lesion, processed=processed, image_type=image_type,
-                                 acquired_on=acquired_on, written=written)
+                                 acquired_on=acquired_on, written=written, committed=committed)
     except BaseException:
-        _delete_files(written)
+        # Only the files of a transaction that did not commit: an error after the commit (a
+        # post-commit hook) must never take the files of committed images with it.
+        if not committed:
+            _delete_files(written)
         raise
     return outcomes
 
 
 @transaction.atomic
-def _store_images(*, user, lesion, processed, image_type, acquired_on, written) -> list[UploadOutcome]:
+def _store_images(*, user, lesion, processed, image_type, acquired_on, written, committed) -> list[UploadOutcome]:
+    # First on-commit callback of this transaction: from then on the files belong to committed rows.
+    # (Inside an outer transaction that later rolls back they stay behind as orphans, which
+    # purge_orphan_media_files removes.)
+    transaction.on_commit(lambda: committed.append(True))
     patient = _check_patient(user=user, patient=lesion.patient, lock=True)
     # Lock the lesion: concurrent uploads of the same bytes to it are serialised, not duplicated.
     try:
@@ -441,6 +449,44 @@ def _delete_files(names) -> None:
             default_storage.delete(name)
         except Exception:  # cleanup must not hide the original error
             logger.exception("could not remove %s after a failed upload", name)
+
+
+IMAGE_FIELDS = ("image_type", "acquired_on")
+
+
+@transaction.atomic
+def update_image(*, user, image: LesionImage, data: dict) -> LesionImage:
+    """Correct an image's type or acquisition date (the file itself never changes). The date is part
+    of the patient context (age, order of visits): the patient is re-scored after commit."""
+    _unknown_keys(data, IMAGE_FIELDS)
+    if image is None or image.pk is None:
+        raise ValidationError({"image": "Choose an image."})
+    patient = _check_patient(user=user, patient=image.lesion.patient, lock=True)
+    current = LesionImage.objects.select_for_update().get(pk=image.pk)
+    if current.lesion.patient_id != patient.pk:
+        raise PermissionDenied(NOT_VISIBLE)
+    errors = {}
+    if "image_type" in data and data["image_type"] not in LesionImage.ImageType.values:
+        errors["image_type"] = f"Choose an image type: {', '.join(LesionImage.ImageType.values)}."
+    if "acquired_on" in data:
+        day = data["acquired_on"]
+        if not isinstance(day, datetime.date) or isinstance(day, datetime.datetime):
+            errors["acquired_on"] = "Give the acquisition date (YYYY-MM-DD)."
+        elif day > timezone.localdate():
+            errors["acquired_on"] = "The acquisition date cannot be in the future."
+    if errors:
+        raise ValidationError(errors)
+    changed = {k: v for k, v in data.items() if getattr(current, k) != v}
+    for key, value in changed.items():
+        setattr(current, key, value)
+    if changed:
+        with acting_as(user):
+            current.save(update_fields=list(changed))
+            _touch(patient)
+        if "acquired_on" in changed:
+            patient_records_changed.send(sender=LesionImage, patient_id=patient.pk)
+    _copy_fields(current, image)
+    return image
 
 
 def delete_image(*, user, image: LesionImage) -> None:

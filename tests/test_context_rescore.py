@@ -302,7 +302,7 @@ def test_editing_a_lesion_site_queues_a_rescore_of_the_patient_after_commit(
     version = make_version(is_active=True)
     lesion = LesionFactory(patient=patient)
     sent = []
-    monkeypatch.setattr(tasks.rescore_patient, "delay", lambda *args: sent.append(args))
+    monkeypatch.setattr(tasks.rescore_patient, "apply_async", lambda args, **kw: sent.append(tuple(args)))
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
         services.update_lesion(user=clinician, lesion=lesion, data={"anatomic_site": "Lower extremity:Thigh"})
     assert sent == []  # nothing before commit

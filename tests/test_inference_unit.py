@@ -147,7 +147,7 @@ def test_reinstall_with_a_retrained_context_model_replaces_it_and_rescores_after
     Analysis.objects.filter(image=img).delete()
     Analysis.objects.create(image=img, model_version=v, status=Analysis.Status.DONE, probability=0.4)
     sent = []
-    monkeypatch.setattr(tasks.rescore_patient, "delay", lambda *a: sent.append(a))
+    monkeypatch.setattr(tasks.rescore_patient, "apply_async", lambda args, **kw: sent.append(tuple(args)))
     # the same context model again: nothing changes, nothing is queued
     with django_capture_on_commit_callbacks(execute=True):
         services.install_model_version(checkpoint_path=tiny_ckpt, skip_if_installed=True, context_model_path=ctx)
@@ -293,12 +293,12 @@ def test_stale_claim_is_taken_over_and_poison_image_fails_after_max_attempts(les
     old = timezone.now() - timedelta(minutes=5)
     Analysis.objects.filter(pk=a.pk).update(status="running", started_at=old, attempts=1, enqueued_at=old,
                                             claim_token="dead")
-    assert services.sweep_stale() == {"requeued": 1, "failed": 0}
+    assert services.sweep_stale().items() >= {"requeued": 1, "failed": 0}.items()
     token, claimed = services.claim_analyses(analysis_id=a.pk, worker="w2")
     assert [c.pk for c in claimed] == [a.pk] and claimed[0].attempts == 2
     # That worker died as well: the sweeper gives up with a readable reason.
     Analysis.objects.filter(pk=a.pk).update(started_at=old, enqueued_at=old)
-    assert services.sweep_stale() == {"requeued": 0, "failed": 1}
+    assert services.sweep_stale().items() >= {"requeued": 0, "failed": 1}.items()
     a.refresh_from_db()
     assert a.status == "failed" and "Gave up after 2 attempts" in a.error
 

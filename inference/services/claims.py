@@ -9,7 +9,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, TextField, Value
+from django.db.models.functions import Concat
 from django.utils import timezone
 
 from ..models import Analysis, ModelVersion
@@ -59,8 +60,8 @@ def claim_analyses(*, analysis_id: int, worker: str, batch_size: int | None = No
         ids = [analysis_id, *others]
         Analysis.objects.filter(pk__in=ids).filter(claimable, attempts__gte=max_attempts).update(
             status=Analysis.Status.FAILED, finished_at=now, claim_token="",
-            error=f"Gave up after {max_attempts} attempts: the analysis of this image kept crashing or "
-                  "timing out the worker.",
+            error=Concat(Value(f"Gave up after {max_attempts} attempts: the analysis of this image kept failing, "
+                               "crashing or timing out the worker. "), F("error"), output_field=TextField()),
         )
         Analysis.objects.filter(pk__in=ids).filter(claimable).update(
             status=Analysis.Status.RUNNING, started_at=now, finished_at=None, attempts=F("attempts") + 1,
@@ -85,14 +86,23 @@ def complete_analysis(*, analysis: Analysis, token: str, probability: float, emb
     pending = usable_context_model(analysis.model_version) is not None
     # A re-analysis replaces the explanation too: the old heatmap goes (the new one follows the score).
     old_heatmap = Analysis.objects.filter(pk=analysis.pk).values_list("heatmap", flat=True).first() or ""
-    n = Analysis.objects.filter(pk=analysis.pk, claim_token=token, status=Analysis.Status.RUNNING).update(
-        status=Analysis.Status.DONE, probability=float(probability), embedding=emb, timings=timings,
-        member_probabilities=member_probabilities or None,
-        finished_at=timezone.now(), error="",
-        final_score=None if pending else float(probability), final_score_source="" if pending else "image",
-        context_explanation=None, previous_final_score=None, score_changed_at=None, score_change_reason="",
-        heatmap="", heatmap_info={},
-    )
+    with transaction.atomic():
+        n = Analysis.objects.filter(pk=analysis.pk, claim_token=token, status=Analysis.Status.RUNNING).update(
+            status=Analysis.Status.DONE, probability=float(probability), embedding=emb, timings=timings,
+            member_probabilities=member_probabilities or None,
+            finished_at=timezone.now(), error="",
+            final_score=None if pending else float(probability), final_score_source="" if pending else "image",
+            context_explanation=None, previous_final_score=None, score_changed_at=None, score_change_reason="",
+            heatmap="", heatmap_info={}, context_updated_at=None,
+        )
+        if n:
+            # The patient's context is stale now: recorded with the result (outbox); the caller
+            # dispatches one message per patient after its batch (outbox.dispatch_rescores).
+            from .outbox import request_rescores
+
+            patient_id = Analysis.objects.filter(pk=analysis.pk).values_list(
+                "image__lesion__patient_id", flat=True).first()
+            request_rescores(patient_ids=[patient_id], model_version_id=analysis.model_version_id)
     if n and old_heatmap:
         from django.core.files.storage import default_storage
 
@@ -107,14 +117,35 @@ def fail_analysis(*, analysis: Analysis, token: str, reason: str) -> bool:
     return bool(n)
 
 
-def release_claim(*, token: str) -> list[int]:
-    """Put the analyses still held under ``token`` back to queued (time limit, database trouble)."""
+def release_claim(*, token: str, analysis_ids=None, reason: str = "") -> list[int]:
+    """Put the analyses still held under ``token`` (or only ``analysis_ids`` of them) back to queued
+    for another try (time limit, database trouble, a file that may come back). ``attempts`` is kept,
+    so an image that fails every time still ends failed. The rows are pending again (``enqueued_at``
+    NULL): the caller dispatches them (``outbox.dispatch_analyses``), else the sweeper does."""
     if not token:
         return []
     rows = Analysis.objects.filter(claim_token=token, status=Analysis.Status.RUNNING)
+    if analysis_ids is not None:
+        rows = rows.filter(pk__in=list(analysis_ids))
     ids = list(rows.values_list("pk", flat=True))
     Analysis.objects.filter(pk__in=ids, claim_token=token, status=Analysis.Status.RUNNING).update(
-        status=Analysis.Status.QUEUED, started_at=None, claim_token="", enqueued_at=timezone.now())
+        status=Analysis.Status.QUEUED, started_at=None, claim_token="", enqueued_at=None,
+        error=f"Another try after: {reason}"[:2000] if reason else "")
+    return ids
+
+
+def release_claims_of_workers(*, workers) -> list[int]:
+    """Put the running analyses claimed by these (dead) workers back to queued; returns their ids.
+    ``attempts`` is kept (a poison image that kills every worker still ends failed)."""
+    workers = list(workers)
+    if not workers:
+        return []
+    with transaction.atomic():
+        ids = list(Analysis.objects.select_for_update(skip_locked=True)
+                   .filter(status=Analysis.Status.RUNNING, worker__in=workers).values_list("pk", flat=True))
+        Analysis.objects.filter(pk__in=ids, status=Analysis.Status.RUNNING).update(
+            status=Analysis.Status.QUEUED, started_at=None, claim_token="", enqueued_at=None,
+            error="Another try after: the worker that held it died.")
     return ids
 
 

@@ -240,7 +240,7 @@ def replace_context_model(*, model_version: ModelVersion, context_model: dict) -
     _check_context_model(context_model)
     if model_version.context_model == context_model:
         return 0
-    from ..tasks import rescore_patient
+    from . import outbox
 
     with transaction.atomic():
         ModelVersion.objects.filter(pk=model_version.pk).update(context_model=context_model)
@@ -248,8 +248,7 @@ def replace_context_model(*, model_version: ModelVersion, context_model: dict) -
         patient_ids = sorted(set(Analysis.objects.filter(
             model_version=model_version, status=Analysis.Status.DONE,
         ).values_list("image__lesion__patient_id", flat=True)))
-        for pid in patient_ids:
-            rescore_patient.delay_on_commit(pid, model_version.pk)
+        outbox.dispatch_rescores(outbox.request_rescores(patient_ids=patient_ids, model_version_id=model_version.pk))
     log.info("model version %s: context model replaced; re-scoring %d patients", model_version.name,
              len(patient_ids))
     model_version.context_model_replaced = True
