@@ -68,8 +68,3 @@ class AnalysisAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
-
-    def has_delete_permission(self, request, obj=None):
-        # Results are history and part of the patient context: they go with their image (whose
-        # deletion re-scores the patient) or are replaced by `manage.py reanalyze`, never deleted alone.
-        return False
