@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import socket
 import time
 
 from celery import shared_task

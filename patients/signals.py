@@ -2,7 +2,8 @@
 from django.dispatch import Signal
 
 # Sent inside the upload's transaction with ``images`` = the newly stored LesionImage objects.
-# Receivers use transaction.on_commit / delay_on_commit, so a rolled-back upload queues nothing.
+# Receivers record the work in the same transaction (the inference outbox) and send messages only
+# after commit, so a rolled-back upload queues nothing and a broker that is down loses nothing.
 images_stored = Signal()
 
 # Sent inside the transaction when a patient's records changed in a way that affects the

@@ -91,13 +91,21 @@ def requeue_images(*, model_version: ModelVersion, image_ids, redo_done: bool = 
     return len(ids)
 
 
-def broker_backlog() -> int:
-    """Messages waiting in this app's task queue (0 when the broker cannot say)."""
+def _queue_of(task_name: str) -> str:
+    """The queue this process sends ``task_name`` to (the router's choice, else the default queue)."""
+    from melanoma_site.celery import app, route_task
+
+    route = route_task(task_name, (), {}, {}) or {}
+    return route.get("queue") or app.conf.task_default_queue
+
+
+def broker_backlog(queue: str | None = None) -> int:
+    """Messages waiting in ``queue`` (default: this app's default queue); 0 when the broker cannot say."""
     from melanoma_site.celery import app
 
     try:
         with app.connection_for_write() as conn:
-            ok = conn.default_channel.queue_declare(queue=app.conf.task_default_queue, passive=True)
+            ok = conn.default_channel.queue_declare(queue=queue or app.conf.task_default_queue, passive=True)
             return int(ok.message_count or 0)
     except Exception:  # noqa: BLE001 -- an empty Redis queue does not exist ("not found"): nothing waits
         return 0
@@ -129,7 +137,8 @@ def sweep_stale(*, limit: int | None = None) -> dict:
         error=f"Gave up after {max_attempts} attempts: the worker died or timed out each time it analysed "
               "this image.",
     )
-    backlog = broker_backlog()
+    analysis_queue, rescore_queue = _queue_of("inference.tasks.analyze_image"), _queue_of("inference.tasks.rescore_patient")
+    backlog = broker_backlog(analysis_queue)
     budget = max(0, limit - backlog)
     # Only the active version's: re-sending a retired version's backlog would make workers swap models.
     active = Analysis.objects.filter(model_version__is_active=True)
@@ -151,7 +160,12 @@ def sweep_stale(*, limit: int | None = None) -> dict:
         by_version.setdefault(version_id, set()).add(patient_id)
     for version_id, patient_ids in by_version.items():
         outbox.request_rescores(patient_ids=patient_ids, model_version_id=version_id)
-    rescore_budget = max(0, budget - sent)
+    if rescore_queue == analysis_queue:
+        rescore_budget = max(0, budget - sent)
+    else:
+        rescore_backlog = broker_backlog(rescore_queue)
+        backlog += rescore_backlog
+        rescore_budget = max(0, limit - rescore_backlog)
     pending = list(PendingRescore.objects.filter(Q(sent_at__isnull=True) | Q(sent_at__lt=cutoff))
                    .order_by(F("sent_at").asc(nulls_first=True), "requested_at", "pk")
                    .values_list("patient_id", "model_version_id")[:rescore_budget])
