@@ -356,9 +356,13 @@ CELERY_BEAT_SCHEDULE = {
 
 # Shared cache (API throttling counters): Redis when REDIS_URL is set, so every web process counts
 # the same requests; else memory of the one process.
+# A Redis outage makes it answer like an empty cache (melanoma_site.cache), after short timeouts:
+# throttling fails open rather than the request failing.
 CACHES = {
-    "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL,
-                "KEY_PREFIX": "melanoma"}
+    "default": {"BACKEND": "melanoma_site.cache.TolerantRedisCache", "LOCATION": REDIS_URL,
+                "KEY_PREFIX": "melanoma",
+                "OPTIONS": {"socket_connect_timeout": env.float("BROKER_CONNECT_TIMEOUT", default=2.0),
+                            "socket_timeout": env.float("CACHE_SOCKET_TIMEOUT", default=2.0)}}
     if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
 }
 

@@ -266,6 +266,150 @@ def test_broker_down_during_uploads_no_500_files_kept_and_all_analysed_after_it_
         redis_srv.stop()
 
 
+# --------------------------------------------------------------------------- transient errors, bounded sweeper
+
+def test_soft_time_limit_while_loading_the_model_releases_the_claim_and_counts_the_attempt(
+        env, tiny_ckpt, patient, settings, monkeypatch):
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from inference import predictor
+    from inference.tasks import analyze_image
+
+    settings.ANALYSIS_MAX_ATTEMPTS = 2
+    idle = unique_queue("melanoma-idle")
+    restore = use_queue(idle)
+    try:
+        register_version(tiny_ckpt)
+        lesion = LesionFactory(patient=patient)
+        a = Analysis.objects.create(image=make_image(lesion, seed=4000), model_version=services.active_model_version())
+
+        def slow_load(version, **kw):
+            raise SoftTimeLimitExceeded("soft time limit while loading")
+
+        monkeypatch.setattr(predictor, "predictor_for_version", slow_load)
+        for attempt in (1, 2):
+            with pytest.raises(SoftTimeLimitExceeded):
+                analyze_image.run(a.pk)
+            a.refresh_from_db()
+            assert a.status == "queued" and a.attempts == attempt and "loading the model" in a.error
+        assert queue_length(idle) == 2  # each try handed back and sent again
+        with pytest.raises(SoftTimeLimitExceeded):
+            analyze_image.run(a.pk)  # the third delivery: attempts used up
+        a.refresh_from_db()
+        assert a.status == "failed" and "Gave up after 2 attempts" in a.error and "loading the model" in a.error
+    finally:
+        restore()
+        purge_queue(idle)
+
+
+def test_a_stored_file_that_comes_back_is_analysed_on_the_next_try(env, tiny_ckpt, patient):
+    from inference.tasks import analyze_image
+
+    idle = unique_queue("melanoma-idle")
+    restore = use_queue(idle)
+    try:
+        register_version(tiny_ckpt)
+        lesion = LesionFactory(patient=patient)
+        img = make_image(lesion, seed=4100)
+        a = Analysis.objects.create(image=img, model_version=services.active_model_version())
+        path = Path(img.file.path)
+        path.rename(path.with_suffix(".away"))  # the share is gone for a moment
+        result = analyze_image.run(a.pk)
+        a.refresh_from_db()
+        assert result["done"] == 0 and a.status == "queued" and a.attempts == 1
+        assert queue_length(idle) == 1
+        path.with_suffix(".away").rename(path)  # and back
+        analyze_image.run(a.pk)
+        a.refresh_from_db()
+        assert a.status == "done" and a.attempts == 2 and a.error == ""
+    finally:
+        restore()
+        purge_queue(idle)
+
+
+def test_sweeper_sends_at_most_its_limit_less_the_backlog(env, tiny_ckpt, patient, settings):
+    idle = unique_queue("melanoma-idle")
+    restore = use_queue(idle)
+    try:
+        version = register_version(tiny_ckpt)
+        lesion = LesionFactory(patient=patient)
+        images = [make_image(lesion, seed=4200 + i) for i in range(25)]
+        Analysis.objects.bulk_create([Analysis(image=img, model_version=version) for img in images])  # never sent
+        settings.ANALYSIS_SWEEP_LIMIT = 10
+        assert services.sweep_stale()["requeued"] == 10
+        assert queue_length(idle) == 10
+        result = services.sweep_stale()  # ten still waiting in the queue: nothing more
+        assert result["requeued"] == 0 and result["backlog"] == 10
+        purge_queue(idle)  # the worker took them
+        assert services.sweep_stale()["requeued"] == 10  # the next never-sent ones, not the ones just sent
+        assert Analysis.objects.filter(image__in=images, enqueued_at__isnull=True).count() == 5
+    finally:
+        restore()
+        purge_queue(idle)
+
+
+def test_dispatcher_never_raises_and_leaves_rows_pending_when_the_broker_is_down(env, tiny_ckpt, patient, clinician,
+                                                                                  settings):
+    """In this process, the broker is a port where nothing listens: services still succeed."""
+    from melanoma_site.celery import app
+    from patients import services as records
+    from tests.factories import uploaded
+
+    register_version(tiny_ckpt)
+    lesion = LesionFactory(patient=patient)
+    old_url = app.conf.broker_url
+    app.conf.broker_url = f"redis://127.0.0.1:{REDIS_PORT + 9}/0"  # nothing listens there
+    app._pool = None
+    app.amqp._producer_pool = None
+    try:
+        t0 = time.monotonic()
+        outcomes = records.upload_images(user=clinician, lesion=lesion,
+                                         files=[uploaded(jpeg_bytes(seed=s)) for s in (4300, 4301, 4302)],
+                                         image_type="dermoscopic", acquired_on=datetime.date(2025, 1, 2))
+        upload_s = time.monotonic() - t0
+        records.update_lesion(user=clinician, lesion=lesion, data={"anatomic_site": "Lower extremity:Thigh"})
+        records.delete_image(user=clinician, image=outcomes[0].image)
+    finally:
+        app.conf.broker_url = old_url
+        app._pool = None
+        app.amqp._producer_pool = None
+    kept = [o.image for o in outcomes[1:]]
+    assert _files_present(kept)
+    assert all(a.enqueued_at is None and a.status == "queued" for a in Analysis.objects.filter(image__in=kept))
+    assert PendingRescore.objects.get(patient=patient).sent_at is None
+    figure(f"in-process upload of 3 images with no broker listening: {upload_s:.2f}s, no error")
+
+
+def test_a_dead_workers_lease_is_recognised_and_its_claims_handed_back(env, tiny_ckpt, patient):
+    from inference import workers
+
+    idle = unique_queue("melanoma-idle")
+    restore = use_queue(idle)
+    try:
+        version = register_version(tiny_ckpt)
+        lesion = LesionFactory(patient=patient)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        now = timezone.now()
+        WorkerLease.objects.create(name=f"gone@host pid {dead.pid}", hostname=socket.gethostname(), pid=dead.pid,
+                                   started_at=now, heartbeat_at=now)
+        WorkerLease.objects.create(name=f"me pid {os.getpid()}", hostname=socket.gethostname(), pid=os.getpid(),
+                                   started_at=now, heartbeat_at=now)
+        a = Analysis.objects.create(image=make_image(lesion, seed=4400), model_version=version, status="running",
+                                    started_at=now, attempts=1, worker=f"gone@host pid {dead.pid}", claim_token="x")
+        b = Analysis.objects.create(image=make_image(lesion, seed=4401), model_version=version, status="running",
+                                    started_at=now, attempts=1, worker=f"me pid {os.getpid()}", claim_token="y")
+        assert workers.dead_worker_names() == [f"gone@host pid {dead.pid}"]
+        assert workers.reclaim_dead_claims() == [a.pk]
+        a.refresh_from_db()
+        b.refresh_from_db()
+        assert a.status == "queued" and a.attempts == 1 and b.status == "running"
+        assert queue_length(idle) == 1
+    finally:
+        restore()
+        purge_queue(idle)
+
+
 # --------------------------------------------------------------------------- kill -9 with a batch in flight
 
 @pytest.fixture(scope="module")
@@ -419,147 +563,3 @@ def test_admin_cannot_move_a_lesion_to_another_patient(admin_client, patient, ca
     assert lesion.patient_id == patient.pk and lesion.notes == "moved?"
     # Adding a lesion still chooses its patient.
     assert 'name="patient"' in admin_client.get(reverse("admin:patients_lesion_add")).content.decode()
-
-
-# --------------------------------------------------------------------------- transient errors, bounded sweeper
-
-def test_soft_time_limit_while_loading_the_model_releases_the_claim_and_counts_the_attempt(
-        env, tiny_ckpt, patient, settings, monkeypatch):
-    from celery.exceptions import SoftTimeLimitExceeded
-
-    from inference import predictor
-    from inference.tasks import analyze_image
-
-    settings.ANALYSIS_MAX_ATTEMPTS = 2
-    idle = unique_queue("melanoma-idle")
-    restore = use_queue(idle)
-    try:
-        register_version(tiny_ckpt)
-        lesion = LesionFactory(patient=patient)
-        a = Analysis.objects.create(image=make_image(lesion, seed=4000), model_version=services.active_model_version())
-
-        def slow_load(version, **kw):
-            raise SoftTimeLimitExceeded("soft time limit while loading")
-
-        monkeypatch.setattr(predictor, "predictor_for_version", slow_load)
-        for attempt in (1, 2):
-            with pytest.raises(SoftTimeLimitExceeded):
-                analyze_image.run(a.pk)
-            a.refresh_from_db()
-            assert a.status == "queued" and a.attempts == attempt and "loading the model" in a.error
-        assert queue_length(idle) == 2  # each try handed back and sent again
-        with pytest.raises(SoftTimeLimitExceeded):
-            analyze_image.run(a.pk)  # the third delivery: attempts used up
-        a.refresh_from_db()
-        assert a.status == "failed" and "Gave up after 2 attempts" in a.error and "loading the model" in a.error
-    finally:
-        restore()
-        purge_queue(idle)
-
-
-def test_a_stored_file_that_comes_back_is_analysed_on_the_next_try(env, tiny_ckpt, patient):
-    from inference.tasks import analyze_image
-
-    idle = unique_queue("melanoma-idle")
-    restore = use_queue(idle)
-    try:
-        register_version(tiny_ckpt)
-        lesion = LesionFactory(patient=patient)
-        img = make_image(lesion, seed=4100)
-        a = Analysis.objects.create(image=img, model_version=services.active_model_version())
-        path = Path(img.file.path)
-        path.rename(path.with_suffix(".away"))  # the share is gone for a moment
-        result = analyze_image.run(a.pk)
-        a.refresh_from_db()
-        assert result["done"] == 0 and a.status == "queued" and a.attempts == 1
-        assert queue_length(idle) == 1
-        path.with_suffix(".away").rename(path)  # and back
-        analyze_image.run(a.pk)
-        a.refresh_from_db()
-        assert a.status == "done" and a.attempts == 2 and a.error == ""
-    finally:
-        restore()
-        purge_queue(idle)
-
-
-def test_sweeper_sends_at_most_its_limit_less_the_backlog(env, tiny_ckpt, patient, settings):
-    idle = unique_queue("melanoma-idle")
-    restore = use_queue(idle)
-    try:
-        version = register_version(tiny_ckpt)
-        lesion = LesionFactory(patient=patient)
-        images = [make_image(lesion, seed=4200 + i) for i in range(25)]
-        Analysis.objects.bulk_create([Analysis(image=img, model_version=version) for img in images])  # never sent
-        settings.ANALYSIS_SWEEP_LIMIT = 10
-        assert services.sweep_stale()["requeued"] == 10
-        assert queue_length(idle) == 10
-        result = services.sweep_stale()  # ten still waiting in the queue: nothing more
-        assert result["requeued"] == 0 and result["backlog"] == 10
-        purge_queue(idle)  # the worker took them
-        assert services.sweep_stale()["requeued"] == 10  # the next never-sent ones, not the ones just sent
-        assert Analysis.objects.filter(image__in=images, enqueued_at__isnull=True).count() == 5
-    finally:
-        restore()
-        purge_queue(idle)
-
-
-def test_dispatcher_never_raises_and_leaves_rows_pending_when_the_broker_is_down(env, tiny_ckpt, patient, clinician,
-                                                                                  settings):
-    """In this process, the broker is a port where nothing listens: services still succeed."""
-    from melanoma_site.celery import app
-    from patients import services as records
-    from tests.factories import uploaded
-
-    register_version(tiny_ckpt)
-    lesion = LesionFactory(patient=patient)
-    old_url = app.conf.broker_url
-    app.conf.broker_url = f"redis://127.0.0.1:{REDIS_PORT + 9}/0"  # nothing listens there
-    app._pool = None
-    app.amqp._producer_pool = None
-    try:
-        t0 = time.monotonic()
-        outcomes = records.upload_images(user=clinician, lesion=lesion,
-                                         files=[uploaded(jpeg_bytes(seed=s)) for s in (4300, 4301, 4302)],
-                                         image_type="dermoscopic", acquired_on=datetime.date(2025, 1, 2))
-        upload_s = time.monotonic() - t0
-        records.update_lesion(user=clinician, lesion=lesion, data={"anatomic_site": "Lower extremity:Thigh"})
-        records.delete_image(user=clinician, image=outcomes[0].image)
-    finally:
-        app.conf.broker_url = old_url
-        app._pool = None
-        app.amqp._producer_pool = None
-    kept = [o.image for o in outcomes[1:]]
-    assert _files_present(kept)
-    assert all(a.enqueued_at is None and a.status == "queued" for a in Analysis.objects.filter(image__in=kept))
-    assert PendingRescore.objects.get(patient=patient).sent_at is None
-    figure(f"in-process upload of 3 images with no broker listening: {upload_s:.2f}s, no error")
-
-
-def test_a_dead_workers_lease_is_recognised_and_its_claims_handed_back(env, tiny_ckpt, patient):
-    from inference import workers
-
-    idle = unique_queue("melanoma-idle")
-    restore = use_queue(idle)
-    try:
-        version = register_version(tiny_ckpt)
-        lesion = LesionFactory(patient=patient)
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
-        now = timezone.now()
-        WorkerLease.objects.create(name=f"gone@host pid {dead.pid}", hostname=socket.gethostname(), pid=dead.pid,
-                                   started_at=now, heartbeat_at=now)
-        WorkerLease.objects.create(name=f"me pid {os.getpid()}", hostname=socket.gethostname(), pid=os.getpid(),
-                                   started_at=now, heartbeat_at=now)
-        a = Analysis.objects.create(image=make_image(lesion, seed=4400), model_version=version, status="running",
-                                    started_at=now, attempts=1, worker=f"gone@host pid {dead.pid}", claim_token="x")
-        b = Analysis.objects.create(image=make_image(lesion, seed=4401), model_version=version, status="running",
-                                    started_at=now, attempts=1, worker=f"me pid {os.getpid()}", claim_token="y")
-        assert workers.dead_worker_names() == [f"gone@host pid {dead.pid}"]
-        assert workers.reclaim_dead_claims() == [a.pk]
-        a.refresh_from_db()
-        b.refresh_from_db()
-        assert a.status == "queued" and a.attempts == 1 and b.status == "running"
-        assert queue_length(idle) == 1
-    finally:
-        restore()
-        purge_queue(idle)
