@@ -446,3 +446,4 @@ def test_a_media_store_that_does_not_answer_gives_503_and_stores_nothing(on_s3, 
     assert api.get(f"/api/v1/images/{img.pk}/file/", HTTP_ACCEPT="image/*").status_code == 200
     s3["client"].delete_object(Bucket=s3["bucket"], Key=img.file.name)
     assert api.get(f"/api/v1/images/{img.pk}/file/", HTTP_ACCEPT="image/*").status_code == 404
+
