@@ -109,7 +109,7 @@ def test_the_example_configuration_loads_with_s3_media_and_two_queues(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in env_example()}
     env.update(env_example(), VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="melanoma_site.settings")
     out = subprocess.run([sys.executable, "-c", "import django; django.setup(); " + code], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-2000:]
     backend, debug, analyses, heatmaps, default = json.loads(out.stdout.strip().splitlines()[-1])
     assert backend == "melanoma_site.storage.s3.PrivateS3Storage" and debug is False

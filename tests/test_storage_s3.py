@@ -63,7 +63,7 @@ def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
-def start_process(cmd, *, env, log: Path, ready, timeout=60) -> subprocess.Popen:
+def start_process(cmd, *, env, log: Path, ready, timeout=240) -> subprocess.Popen:
     fh = open(log, "ab")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     fh.close()
@@ -332,7 +332,9 @@ def test_orphan_media_purge_lists_and_removes_bucket_objects(on_s3, s3, topology
     referenced = {img.file.name, img.thumbnail.name, kept_heatmap}
     assert orphans | referenced <= keys(s3)
 
-    assert set(orphan_media_files(older_than=datetime.timedelta(seconds=-60))) == orphans
+    # (Objects of earlier tests in this bucket are orphans too once their rows are flushed.)
+    listed = set(orphan_media_files(older_than=datetime.timedelta(seconds=-60)))
+    assert orphans <= listed and not referenced & listed
     assert orphan_media_files(older_than=datetime.timedelta(hours=1)) == []  # too recent: maybe in flight
     call_command("purge_orphan_media", "--hours", "-0.02", stdout=open(os.devnull, "w"))
     assert not orphans & keys(s3) and referenced <= keys(s3)
@@ -354,7 +356,7 @@ def test_private_storage_has_no_urls(on_s3):
 def test_storage_settings_refuse_an_incomplete_configuration(tmp_path, env, message):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("S3_") and k != "STORAGE"}
     proc = subprocess.run([sys.executable, "-c", "import melanoma_site.settings"], cwd=ROOT, capture_output=True,
-                          text=True, env={**clean, "VAR_DIR": str(tmp_path), **env}, timeout=60)
+                          text=True, env={**clean, "VAR_DIR": str(tmp_path), **env}, timeout=240)
     assert proc.returncode != 0 and message in proc.stderr
 
 
@@ -367,7 +369,7 @@ def test_s3_settings_come_from_the_environment(tmp_path):
            "S3_SERVER_SIDE_ENCRYPTION": "AES256", "ANALYSIS_QUEUE": "analyses", "CELERY_QUEUE": "context"}
     import json
 
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
     assert out.returncode == 0, out.stderr
     backend, options, analysis_q, default_q, client = json.loads(out.stdout.strip().splitlines()[-1])
     assert client == [{"addressing_style": "path"}, "s3v4", 5.0, {"max_attempts": 3, "mode": "standard"}]
