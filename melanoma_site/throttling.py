@@ -1,6 +1,6 @@
-"""API throttling (outside melanoma_site.api: DRF imports authenticators while rest_framework.views
-loads, and that package imports rest_framework.views): per token/user (scope ``user``) and per client address for requests without
-valid credentials (scope ``anon``).
+"""API throttling: per token/user (scope ``user``) and per client address for requests without
+valid credentials (scope ``anon``). (Not inside melanoma_site.api: DRF imports these classes while
+rest_framework.views loads, and that package imports rest_framework.views.)
 
 The rates come from ``settings.API_THROTTLE_RATES`` (environment ``API_THROTTLE_USER`` and
 ``API_THROTTLE_ANON``), read at each request rather than once at import as DRF's own classes do,
