@@ -231,7 +231,14 @@ def build_int8_dynamic(model, size):
     return run
 
 
+_onnx_cache: dict = {}  # (id(model), size) -> exported bytes, while one model is being measured
+
+
 def _onnx_bytes(model, size) -> bytes:
+    """The member exported to ONNX (dynamic batch); ONNX Runtime and OpenVINO share one export."""
+    key = (id(model), int(size))
+    if key in _onnx_cache:
+        return _onnx_cache[key]
     try:
         import onnx  # noqa: F401 -- torch's exporter needs it
     except ImportError as exc:
@@ -243,7 +250,9 @@ def _onnx_bytes(model, size) -> bytes:
         torch.onnx.export(net, (torch.randn(2, 3, size, size),), buf, dynamo=False, input_names=["x"],
                           output_names=["logits", "embeddings"], opset_version=17,
                           dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}, "embeddings": {0: "n"}})
-    return buf.getvalue()
+    _onnx_cache.clear()
+    _onnx_cache[key] = buf.getvalue()
+    return _onnx_cache[key]
 
 
 def build_onnxruntime(model, size):
@@ -295,7 +304,7 @@ def build_torch_compile(model, size):
         raise Unavailable("skipped: torch.compile (inductor) takes tens of seconds per member on a 2-core "
                           "CPU, over the probe budget; set ANALYSIS_RUNTIME_COMPILE=1 to measure it")
     net = _Head(copy.deepcopy(model).float().eval().to(memory_format=torch.channels_last)).eval()
-    compiled = torch.compile(net, dynamic=False, mode="max-autotune-no-cudagraphs")
+    compiled = torch.compile(net)  # default mode; shapes it has not seen compile again (on first use)
 
     @torch.inference_mode()
     def run(x):
@@ -439,6 +448,7 @@ def measure_member(model, *, size: int, normalise: Callable[[np.ndarray], torch.
             r["ms_per_image"] = round(best[r["candidate"]] * 1000, 2)
     best = min(ok, key=lambda r: r["ms_per_image"]) if ok else None
     chosen = best["candidate"] if best else REFERENCE
+    _onnx_cache.clear()
     if not keep:
         forwards = {k: v for k, v in forwards.items() if k == chosen}
     ref_ms = next((r.get("ms_per_image") for r in rows if r["candidate"] == REFERENCE), None)
@@ -455,13 +465,15 @@ def measure_member(model, *, size: int, normalise: Callable[[np.ndarray], torch.
     return report, forwards
 
 
-def build_chosen(model, size: int, name: str, builders: dict | None = None) -> Forward:
-    """Build the runtime a cached decision names (falls back to eager fp32 if it cannot be built)."""
+def build_chosen(model, size: int, name: str, builders: dict | None = None) -> tuple[str, Forward]:
+    """(name, forward) of the runtime a cached decision names; eager fp32 if it cannot be built."""
     builders = builders or BUILDERS
     try:
-        return builders[name](model, size)
+        return name, builders[name](model, size)
     except Exception:  # noqa: BLE001 -- e.g. the optional package was uninstalled since
-        return builders[REFERENCE](model, size)
+        return REFERENCE, builders[REFERENCE](model, size)
+    finally:
+        _onnx_cache.clear()
 
 
 def choose_runtime(bundle, *, sha256: str = "", tolerance: float | None = None, cached: dict | None = None,
@@ -479,8 +491,8 @@ def choose_runtime(bundle, *, sha256: str = "", tolerance: float | None = None, 
             and cached.get("tolerance") == tol:
         bundle.runtimes = {}
         for i, m in enumerate(bundle.members):
-            name = cached["members"][i]["chosen"]
-            bundle.runtimes[i] = MemberRuntime(name, build_chosen(m.model, m.input_size, name, builders))
+            name, fn = build_chosen(m.model, m.input_size, cached["members"][i]["chosen"], builders)
+            bundle.runtimes[i] = MemberRuntime(name, fn)
         decision = dict(cached)
         decision["reused"] = True
         decision["apply_s"] = round(time.perf_counter() - t_start, 2)
