@@ -16,6 +16,8 @@ def _test_settings(settings, tmp_path):
     settings.API_THROTTLE_RATES = {"user": "100000/minute", "anon": "100000/minute"}
     settings.MEDIA_ROOT = tmp_path / "media"
     settings.MODEL_ROOT = tmp_path / "models"
+    # A model loaded in the test process measures its runtime candidates briefly (as test workers do).
+    settings.ANALYSIS_RUNTIME_BUDGET_S = 8
     # Tests do not run collectstatic: serve static files without the hashed manifest.
     settings.STORAGES = {
         **settings.STORAGES,
