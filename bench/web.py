@@ -269,7 +269,6 @@ def seed(n_patients: int, *, n_users: int, lesions_per_patient=3, images_per_les
     the lists never read it), a finished analysis by the active version per image and reviews on a
     third of the lesions. Bulk inserts: no audit entries, seconds for hundreds of rows."""
     import numpy as np
-    from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.core.files.storage import default_storage
     from django.core.files.base import ContentFile
@@ -468,7 +467,7 @@ def _run(args, env, tmp, queue, broker, procs, t_start) -> int:
     log(f"seeded {len(data['patients'])} visible patients ({args.patients // 9} more of another team), "
         f"{data['images']} images, {data['analyses']} analyses in {time.perf_counter() - t0:.1f}s")
 
-    patients, lesions = data["patients"], data["lesions"]
+    patients = data["patients"]
     endpoints = {
         "worklist": ("page", lambda n: "/patients/"),
         "patient page": ("page", lambda n: f"/patients/{patients[n % len(patients)]}/"),
@@ -565,7 +564,8 @@ def busy_phase(args, env, tmp, queue, procs, port, data, measure):
          "--without-gossip", "--without-mingle", "--without-heartbeat"],
         # The runtime probe at the worker's start is bounded lower than in production: this bench
         # measures the web tier beside a busy worker, not the runtime choice (bench/inference.py).
-        cwd=ROOT, env={**env, "LOG_LEVEL": "INFO", "ANALYSIS_RUNTIME_BUDGET_S": "8"}, stdout=wlog, stderr=subprocess.STDOUT, start_new_session=True)
+        cwd=ROOT, env={**env, "LOG_LEVEL": "INFO", "ANALYSIS_RUNTIME_BUDGET_S": "8"}, stdout=wlog,
+        stderr=subprocess.STDOUT, start_new_session=True)
     procs.append(worker)
     deadline = time.monotonic() + 180
     while b" ready." not in wlog_path.read_bytes():
@@ -605,6 +605,7 @@ def busy_phase(args, env, tmp, queue, procs, port, data, measure):
     t_warm = time.perf_counter() - t0
     log(f"worker warm (first upload analysed) {t_warm:.1f}s after its start")
     done_before = Analysis.objects.filter(status=Analysis.Status.DONE).count()
+    state["uploads"] = state["failed"] = 0
     upload(args.uploads)
     log(f"uploaded {state['uploads']} images ({state['failed']} refused); {pending()} analyses pending")
 
