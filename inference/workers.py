@@ -134,7 +134,12 @@ def _beat() -> None:
     while not _stop.wait(interval):
         try:
             close_old_connections()
-            WorkerLease.objects.filter(name=_lease_name).update(heartbeat_at=timezone.now())
+            now = timezone.now()
+            if not WorkerLease.objects.filter(name=_lease_name).update(heartbeat_at=now):
+                # The row went (deleted by hand, a test database flushed): write it again.
+                WorkerLease.objects.update_or_create(name=_lease_name, defaults=dict(
+                    hostname=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now,
+                    stopped_at=None))
         except Exception:  # noqa: BLE001 -- the database may be back at the next beat
             log.warning("worker heartbeat failed", exc_info=True)
             try:

@@ -120,3 +120,77 @@ def test_clinicians_cannot_use_the_admin(client, clinician):
     client.force_login(clinician)
     response = client.get(reverse("admin:patients_patient_changelist"))
     assert response.status_code == 302 and "login" in response["Location"]
+
+
+# --- the admin goes through the services (issue 12) ----------------------------------------------
+
+def _active_version():
+    import uuid
+
+    from inference.models import ModelVersion
+
+    return ModelVersion.objects.create(name=f"v-{uuid.uuid4().hex[:8]}", architecture="se_resnet50", input_size=64,
+                                       sha256=uuid.uuid4().hex * 2, weights_path="x.pt", is_active=True)
+
+
+def _inline_management(prefix, total=0, initial=0):
+    return {f"{prefix}-TOTAL_FORMS": str(total), f"{prefix}-INITIAL_FORMS": str(initial),
+            f"{prefix}-MIN_NUM_FORMS": "0", f"{prefix}-MAX_NUM_FORMS": "1000"}
+
+
+def test_adding_a_patient_in_the_admin_goes_through_the_service(admin_client, staff, care_team):
+    from auditlog.models import LogEntry
+
+    from patients.models import Patient
+
+    data = {"mrn": "ADM-1", "name": "Admin Made", "birth_date": "1970-01-02", "sex": "female",
+            "fitzpatrick_skin_type": "", "care_team": care_team.pk, **_inline_management("lesions")}
+    response = admin_client.post(reverse("admin:patients_patient_add"), data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    patient = Patient.objects.get(mrn="ADM-1")
+    entry = LogEntry.objects.get_for_object(patient).get(action=LogEntry.Action.CREATE)
+    assert entry.actor_id == staff.pk  # the service's audit entry, with the admin as actor
+    # The service's rules are form errors here, never a server error.
+    response = admin_client.post(reverse("admin:patients_patient_add"), {**data, "mrn": "ADM-2",
+                                                                         "birth_date": "2999-01-01"})
+    assert response.status_code == 200 and "cannot be in the future" in response.content.decode()
+
+
+def test_a_site_change_in_the_patients_lesion_inline_queues_a_rescore(admin_client, image, patient,
+                                                                      django_capture_on_commit_callbacks):
+    from inference.models import PendingRescore
+
+    version = _active_version()
+    lesion = image.lesion
+    data = {"mrn": patient.mrn, "name": patient.name, "birth_date": patient.birth_date.isoformat(),
+            "sex": patient.sex, "fitzpatrick_skin_type": patient.fitzpatrick_skin_type,
+            "care_team": patient.care_team_id, **_inline_management("lesions", 1, 1),
+            "lesions-0-id": lesion.pk, "lesions-0-patient": patient.pk, "lesions-0-label": lesion.label,
+            "lesions-0-anatomic_site": "Lower extremity:Thigh", "lesions-0-diagnosis": ""}
+    with django_capture_on_commit_callbacks(execute=False):
+        response = admin_client.post(reverse("admin:patients_patient_change", args=[patient.pk]), data)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    lesion.refresh_from_db()
+    assert lesion.anatomic_site == "Lower extremity:Thigh"
+    assert PendingRescore.objects.filter(patient=patient, model_version=version).exists()
+
+
+def test_an_image_date_in_the_future_is_a_form_error_in_the_admin(admin_client, image):
+    url = reverse("admin:patients_lesionimage_change", args=[image.pk])
+    response = admin_client.post(url, {"image_type": "dermoscopic", "acquired_on": "2999-01-01"})
+    assert response.status_code == 200 and "cannot be in the future" in response.content.decode()
+    image.refresh_from_db()
+    assert image.acquired_on == datetime.date(2025, 2, 3)
+
+
+def test_an_image_date_change_in_the_admin_queues_a_rescore(admin_client, image, django_capture_on_commit_callbacks):
+    from inference.models import PendingRescore
+
+    _active_version()
+    url = reverse("admin:patients_lesionimage_change", args=[image.pk])
+    with django_capture_on_commit_callbacks(execute=False):
+        response = admin_client.post(url, {"image_type": "dermoscopic", "acquired_on": "2025-02-01"})
+    assert response.status_code == 302
+    image.refresh_from_db()
+    assert image.acquired_on == datetime.date(2025, 2, 1)
+    assert PendingRescore.objects.filter(patient=image.lesion.patient).exists()
