@@ -17,6 +17,7 @@ from inference.models import Analysis, ModelVersion
 from patients import services
 from patients.models import Lesion, LesionImage, LesionReview, Patient
 from tests.factories import CareTeamFactory, LesionFactory, PatientFactory
+from tests.test_api_contract import LIST_URLS
 from tests.worker_utils import make_image
 
 pytestmark = pytest.mark.django_db
@@ -114,16 +115,9 @@ def test_worklist_counts_lesions_and_images_and_shows_the_highest_current_score(
     assert row.n_unreviewed == 0  # reviewed after the results
 
 
-API_LISTS = {
-    "patients": lambda p, l, i: f"{API}/patients/",
-    "lesions": lambda p, l, i: f"{API}/lesions/",
-    "patient lesions": lambda p, l, i: f"{API}/patients/{p}/lesions/",
-    "images": lambda p, l, i: f"{API}/images/",
-    "lesion images": lambda p, l, i: f"{API}/lesions/{l}/images/",
-    "analyses": lambda p, l, i: f"{API}/analyses/",
-    "image analyses": lambda p, l, i: f"{API}/images/{i}/analyses/",
-    "reviews": lambda p, l, i: f"{API}/reviews/",
-}
+# The API lists of the contract test (one definition of the list URLs), plus the reviews list.
+API_LISTS = {**{k: v for k, v in LIST_URLS.items() if k != "model versions"},
+             "reviews": lambda p, l, i: f"{API}/reviews/"}
 
 
 @pytest.mark.parametrize("name", API_LISTS)
