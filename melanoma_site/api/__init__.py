@@ -260,6 +260,11 @@ class StrictFilterBackend(DjangoFilterBackend):
         return [n for name, f in filterset_class.base_filters.items() for n in _widget_names(name, f.field)]
 
     def filter_queryset(self, request, queryset, view):
+        # Without any of its parameters a FilterSet filters nothing (every filter skips an absent
+        # value), but building it deep-copies its filters and form fields, vocabulary choices
+        # included: several milliseconds of every unfiltered list page.
+        if not any(name in request.query_params for name in self.accepted_query_params(view)):
+            return queryset
         try:
             return super().filter_queryset(request, queryset, view)
         except exceptions.ValidationError as exc:
