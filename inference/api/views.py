@@ -8,12 +8,14 @@ from rest_framework import generics, renderers, viewsets
 from rest_framework.decorators import action
 
 from melanoma_site.api import BooleanFilter, ContractMixin, IdFilter, NumberFilter
+from melanoma_site.api.rows import RowListMixin, shared_json_renderers
 from patients.api.views import ImageRenderer, ListAuditMixin
 from patients.selectors import visible_images
 
 from .. import selectors
 from ..context import flag_annotations
 from ..models import Analysis, ModelVersion
+from .rows import AnalysisRows
 from .serializers import AnalysisSerializer, ModelVersionSerializer
 
 
@@ -89,10 +91,12 @@ ANALYSIS_ORDERING = ["queued_at", "finished_at", "probability", "final_score"]
     retrieve=extend_schema(summary="One analysis"),
 )
 @extend_schema(tags=["analyses"])
-class AnalysisViewSet(ListAuditMixin, ContractMixin, viewsets.ReadOnlyModelViewSet):
+class AnalysisViewSet(ListAuditMixin, RowListMixin, ContractMixin, viewsets.ReadOnlyModelViewSet):
     """Model analyses of images: image-only probability, final (context-adjusted) score, status."""
 
     serializer_class = AnalysisSerializer
+    list_rows = AnalysisRows
+    renderer_classes = shared_json_renderers()
     filterset_class = AnalysisFilter
     ordering_fields = ANALYSIS_ORDERING
     ordering = ["-queued_at"]
@@ -121,10 +125,12 @@ class AnalysisViewSet(ListAuditMixin, ContractMixin, viewsets.ReadOnlyModelViewS
 
 
 @extend_schema(tags=["analyses"], summary="The analyses of one image (every model version that analysed it)")
-class ImageAnalysesView(ListAuditMixin, ContractMixin, generics.ListAPIView):
+class ImageAnalysesView(ListAuditMixin, RowListMixin, ContractMixin, generics.ListAPIView):
     """The analyses of one image (every model version that analysed it)."""
 
     serializer_class = AnalysisSerializer
+    list_rows = AnalysisRows
+    renderer_classes = shared_json_renderers()
     filterset_class = ImageAnalysisFilter
     ordering_fields = ANALYSIS_ORDERING
     ordering = ["-queued_at"]

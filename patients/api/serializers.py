@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from melanoma_site.api import StrictJSONMixin
+from melanoma_site.api.rows import PLACEHOLDER, url_maker
 
 from ..models import CareTeam, Lesion, LesionImage, LesionReview, Patient
 from ..selectors import visible_lesions, visible_patients
@@ -27,17 +28,15 @@ class VocabularyChoiceField(serializers.ChoiceField):
 
 def _url(serializer, viewname: str, pk) -> str:
     """The absolute URL of ``viewname`` for object ``pk``. reverse() and build_absolute_uri() run
-    once per list response (a template with a placeholder id, kept in the serializer context), not
+    once per list response (a URL with a placeholder id, kept in the serializer context), not
     once per row."""
     context = serializer.context
-    templates = context.setdefault("_url_templates", {}) if context else {}
-    template = templates.get(viewname)
-    if template is None:
-        template = templates[viewname] = _absolute(serializer, reverse(viewname, args=[_PLACEHOLDER]))
-    return template.replace(str(_PLACEHOLDER), str(int(pk)))
-
-
-_PLACEHOLDER = 9_876_543_210_123
+    makers = context.setdefault("_url_makers", {}) if context else {}
+    make = makers.get(viewname)
+    if make is None:
+        make = makers[viewname] = url_maker(context.get("request") if context else None,
+                                            reverse(viewname, args=[PLACEHOLDER]))
+    return make(pk)
 
 
 def _user(serializer):

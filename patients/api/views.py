@@ -11,7 +11,8 @@ import django_filters
 from django.conf import settings
 from django.core.exceptions import NON_FIELD_ERRORS, RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
+from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
@@ -20,12 +21,14 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from melanoma_site.api import ContractMixin, IdFilter
+from melanoma_site.api.rows import RowListMixin
 
 from .. import media, services
-from ..models import LesionReview, Patient
+from ..models import LesionImage, LesionReview, Patient
 from ..selectors import visible_images, visible_lesions, visible_patients, visible_reviews
 from ..uploads import UploadRejected
 from .filters import LesionFilter, LesionImageFilter, PatientFilter
+from .rows import ImageRows, LesionRows, PatientRows
 from .serializers import (
     ImageUploadSerializer,
     LesionImageSerializer,
@@ -118,8 +121,9 @@ PATIENT_ORDERING = ["name", "mrn", "birth_date", "created_at", "updated_at", "la
     destroy=extend_schema(summary="Delete a patient with lesions and images (staff only)"),
 )
 @extend_schema(tags=["patients"])
-class PatientViewSet(ListAuditMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
+class PatientViewSet(ListAuditMixin, RowListMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
     serializer_class = PatientSerializer
+    list_rows = PatientRows
     parser_classes = [parsers.JSONParser]
     filterset_class = PatientFilter
     search_fields = ["mrn", "name"]
@@ -147,15 +151,20 @@ class PatientViewSet(ListAuditMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
 
 
 def _lesions(user):
-    return visible_lesions(user).annotate(image_count=Count("images"))
+    # A correlated count rather than Count("images") with its join and GROUP BY: a list's COUNT(*)
+    # leaves an unused subquery out, so it no longer joins and groups every image of every lesion.
+    images = (LesionImage.objects.filter(lesion=OuterRef("pk")).order_by().values("lesion")
+              .annotate(n=Count("*")).values("n"))
+    return visible_lesions(user).annotate(image_count=Coalesce(Subquery(images), 0))
 
 
 @extend_schema_view(
     retrieve=extend_schema(summary="One lesion (recorded in the audit trail as viewed)"),
 )
 @extend_schema(tags=["lesions"])
-class LesionViewSet(ListAuditMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
+class LesionViewSet(ListAuditMixin, RowListMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
     serializer_class = LesionSerializer
+    list_rows = LesionRows
     parser_classes = [parsers.JSONParser]
     filterset_class = LesionFilter
     search_fields = ["label", "notes", "patient__mrn", "patient__name"]
@@ -189,8 +198,9 @@ class LesionViewSet(ListAuditMixin, ServiceErrorsMixin, viewsets.ModelViewSet):
     get=extend_schema(summary="Lesions of one patient"),
     post=extend_schema(summary="Add a lesion to this patient"),
 )
-class PatientLesionsView(ListAuditMixin, ServiceErrorsMixin, generics.ListCreateAPIView):
+class PatientLesionsView(ListAuditMixin, RowListMixin, ServiceErrorsMixin, generics.ListCreateAPIView):
     serializer_class = NestedLesionSerializer
+    list_rows = LesionRows
     parser_classes = [parsers.JSONParser]
     filterset_class = LesionFilter
     search_fields = ["label", "notes"]
@@ -263,9 +273,10 @@ IF_NONE_MATCH = OpenApiParameter(
     destroy=extend_schema(summary="Delete an image and its stored files"),
 )
 @extend_schema(tags=["images"])
-class LesionImageViewSet(ListAuditMixin, ServiceErrorsMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin,
-                         mixins.DestroyModelMixin, viewsets.GenericViewSet):
+class LesionImageViewSet(ListAuditMixin, RowListMixin, ServiceErrorsMixin, mixins.ListModelMixin,
+                         mixins.RetrieveModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     serializer_class = LesionImageSerializer
+    list_rows = ImageRows
     filterset_class = LesionImageFilter
     ordering_fields = ["acquired_on", "uploaded_at", "id", "size_bytes"]
     ordering = ["acquired_on", "uploaded_at", "id"]
@@ -314,8 +325,9 @@ class LesionImageViewSet(ListAuditMixin, ServiceErrorsMixin, mixins.ListModelMix
 
 
 @extend_schema(tags=["images"])
-class LesionImagesView(ListAuditMixin, ServiceErrorsMixin, generics.ListAPIView):
+class LesionImagesView(ListAuditMixin, RowListMixin, ServiceErrorsMixin, generics.ListAPIView):
     serializer_class = LesionImageSerializer
+    list_rows = ImageRows
     filterset_class = LesionImageFilter
     ordering_fields = ["acquired_on", "uploaded_at", "id"]
     ordering = ["acquired_on", "uploaded_at", "id"]

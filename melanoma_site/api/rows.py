@@ -1,0 +1,159 @@
+"""Fast reads of the API lists: rows built from ``values_list()`` tuples instead of model instances
+passed through DRF serializer fields.
+
+A list page of 50 rows spent most of its time making model instances and running DRF's per-field
+machinery (``get_attribute``, ``to_representation``, field deep copies), then encoding the same
+nested model-version dicts once per row. The serializers stay THE definition of each
+representation (the OpenAPI schema, writes, single objects); a list view names a row builder
+(``list_rows``) that produces the same JSON for the same rows, and tests/test_api_rows.py checks the
+two byte for byte on every list. ``list_rows = None`` (or no builder) is DRF's own list.
+
+A row builder is a class made once per request, ``Builder(request)``, with ``columns`` (the
+``values_list`` names) and ``__call__(tuples) -> [row dict, ...]``.
+"""
+from __future__ import annotations
+
+import datetime
+
+from django.conf import settings
+from django.utils import timezone
+from rest_framework import ISO_8601, renderers, serializers
+from rest_framework.compat import LONG_SEPARATORS, SHORT_SEPARATORS
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+
+# A made-up id: a URL is built once per response with it and the real id put in its place per row
+# (reverse() and build_absolute_uri() per row were a good part of a list's time).
+PLACEHOLDER = "9876543210123"
+
+
+def url_maker(request, path: str):
+    """``pk -> absolute URL`` for a ``path`` that holds :data:`PLACEHOLDER` where the id goes (the
+    same text ``request.build_absolute_uri`` gives for the real path: an id is plain digits)."""
+    template = request.build_absolute_uri(path) if request is not None else path
+    parts = template.split(PLACEHOLDER)
+    return lambda pk: str(int(pk)).join(parts)
+
+
+def datetime_text():
+    """``value -> text`` as DRF's ``DateTimeField`` writes it (ISO 8601 in the current time zone, UTC
+    as ``Z``), with the time zone looked up once per response instead of once per value."""
+    field = serializers.DateTimeField()
+    if api_settings.DATETIME_FORMAT != ISO_8601 or not settings.USE_TZ:
+        return field.to_representation
+    zone = timezone.get_current_timezone()
+    aware = timezone.is_aware
+
+    def text(value):
+        if not value:
+            return None
+        if type(value) is not datetime.datetime or not aware(value):
+            return field.to_representation(value)  # not what the database gives; DRF decides
+        out = value.astimezone(zone).isoformat()
+        return out[:-6] + "Z" if out.endswith("+00:00") else out
+
+    return text
+
+
+def date_text(value):
+    """DRF's ``DateField`` output (ISO 8601) for a date from the database."""
+    if not value:
+        return None
+    if api_settings.DATE_FORMAT != ISO_8601:
+        return serializers.DateField().to_representation(value)
+    return value.isoformat()
+
+
+def optional_float(value):
+    return None if value is None else float(value)
+
+
+class RowListMixin:
+    """``list`` from the view's row builder (``list_rows``) over the same filtered, ordered,
+    paginated queryset as DRF's list: same visibility selector, same count, same envelope."""
+
+    list_rows = None
+
+    def list(self, request, *args, **kwargs):
+        builder_class = self.list_rows
+        if builder_class is None:
+            return super().list(request, *args, **kwargs)
+        build = builder_class(request)
+        tuples = _Tuples(self.filter_queryset(self.get_queryset()), build.columns)
+        page = self.paginate_queryset(tuples)
+        if page is not None:
+            return self.get_paginated_response(build(page))
+        return Response(build(tuples.tuples))
+
+
+class _Tuples:
+    """What the paginator pages: counted on the filtered queryset itself (the joins that the related
+    columns add would be in the COUNT too), sliced as ``values_list`` tuples."""
+
+    def __init__(self, queryset, columns):
+        self.queryset = queryset
+        # values_list() ignores select_related; prefetches are for instances, not tuples.
+        self.tuples = queryset.prefetch_related(None).values_list(*columns)
+        self.ordered = queryset.ordered
+
+    def count(self) -> int:
+        return self.queryset.count()
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __getitem__(self, index):
+        return self.tuples[index]
+
+
+class Shared(dict):
+    """A value that many rows of one response share (the same object): encoded to JSON once per
+    response by :class:`SharedJSONRenderer`, not once per row. Otherwise an ordinary dict."""
+
+
+class SharedJSONRenderer(renderers.JSONRenderer):
+    """DRF's JSON renderer, byte for byte; a list page whose rows hold :class:`Shared` values (an
+    analysis row's model version: 6 KB of metrics, 90% of the page) encodes each of them once and
+    splices the text into every row that holds it."""
+
+    def render(self, data, accepted_media_type=None, renderer_context=None):
+        rows = data.get("results") if isinstance(data, dict) else None
+        indent = self.get_indent(accepted_media_type, renderer_context or {})
+        if indent is not None or not isinstance(rows, list) or not any(
+                type(value) is Shared for row in rows if isinstance(row, dict) for value in row.values()):
+            return super().render(data, accepted_media_type, renderer_context)
+        separators = SHORT_SEPARATORS if self.compact else LONG_SEPARATORS
+        encode = self.encoder_class(ensure_ascii=self.ensure_ascii, allow_nan=not self.strict,
+                                    separators=separators).encode
+        item_sep, key_sep = separators
+        done: dict[int, str] = {}
+
+        def spliced(mapping: dict) -> str:
+            # runs of ordinary items encoded together (one encoder call), shared values from `done`
+            parts, run = [], {}
+            for key, value in mapping.items():
+                if type(value) is Shared:
+                    if run:
+                        parts.append(encode(run)[1:-1])
+                        run = {}
+                    text = done.get(id(value))
+                    if text is None:
+                        text = done[id(value)] = encode(value)
+                    parts.append(encode(key) + key_sep + text)
+                else:
+                    run[key] = value
+            if run:
+                parts.append(encode(run)[1:-1])
+            return "{" + item_sep.join(parts) + "}"
+
+        body = "[" + item_sep.join(spliced(row) if isinstance(row, dict) else encode(row) for row in rows) + "]"
+        envelope = item_sep.join(encode(key) + key_sep + (body if key == "results" else encode(value))
+                                 for key, value in data.items())
+        text = "{" + envelope + "}"
+        # as DRF: \u2028 and \u2029 escaped, so the JSON is also a JavaScript subset
+        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").encode()
+
+
+def shared_json_renderers() -> list:
+    """The default renderers (settings) with DRF's JSONRenderer replaced by SharedJSONRenderer."""
+    return [SharedJSONRenderer if r is renderers.JSONRenderer else r for r in api_settings.DEFAULT_RENDERER_CLASSES]
