@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=40, help="measured requests per endpoint")
     ap.add_argument("--only", default="")
     ap.add_argument("--top", type=int, default=0, help="print the N functions with most own time")
+    ap.add_argument("--cold", action="store_true",
+                    help="do not request every URL once before measuring (measure rendering, not the page cache)")
     ap.add_argument("--sql", action="store_true", help="print each query of one request and its time")
     ap.add_argument("--database-url", default=None)
     args = ap.parse_args()
@@ -174,7 +176,9 @@ def profile(args, data) -> int:
     print(f"{'endpoint':14s} {'ms/req':>7s} {'queries':>7s} {'bytes':>8s} | "
           + " ".join(f"{x:>11s}" for x in labels) + f" | {'rest':>6s}")
     for name, (client, path_of) in endpoints.items():
-        for n in range(5):  # warm-up: caches, compiled templates
+        # warm-up: compiled templates, and every distinct URL once (the pages' rendered-HTML cache,
+        # patients.pagecache, then answers as it does in a running clinic; --cold skips that)
+        for n in range(5 if args.cold else max(5, len(patients))):
             resp = client.get(path_of(n))
             assert resp.status_code == 200, (name, resp.status_code)
         split.totals.clear()

@@ -179,6 +179,23 @@ def stop_lease() -> None:
             log.warning("could not close the worker lease", exc_info=True)
 
 
+@signals.worker_init.connect(dispatch_uid="inference.workers.priority")
+def _lower_priority(**kwargs):
+    """The worker runs at a lower CPU priority than the web tier (WORKER_NICE, default 10): on a
+    machine shared by both, a clinician's page waits for no model, while the analyses take every
+    cycle the pages leave (on an idle machine they run at full speed). Set in the main process
+    before the pool forks, so every child inherits it."""
+    nice = int(getattr(settings, "WORKER_NICE", 0))
+    if nice > 0:
+        try:
+            now = os.nice(0)
+            if now < nice:
+                os.nice(nice - now)
+            log.info("worker CPU priority: nice %d", os.nice(0))
+        except OSError as exc:  # not permitted (a container without the capability): keep going
+            log.warning("could not lower the worker's CPU priority: %s", exc)
+
+
 @signals.worker_process_init.connect(dispatch_uid="inference.workers.child")
 def _on_child_start(**kwargs):
     global _main_pid

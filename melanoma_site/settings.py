@@ -324,6 +324,8 @@ ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
 # At most this many messages per sweep, less those already waiting in the queue (no flood).
 ANALYSIS_SWEEP_LIMIT = env.int("ANALYSIS_SWEEP_LIMIT", default=200)
 # Worker leases: heartbeat interval, and the silence after which a worker on another host is dead.
+# CPU priority of the Celery worker below the web tier's (inference.workers): 0 keeps it equal.
+WORKER_NICE = env.int("WORKER_NICE", default=10)
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
 WORKER_LEASE_SECONDS = env.float("WORKER_LEASE_SECONDS", default=60.0)
 ANALYSIS_BATCH_SIZE = env.int("ANALYSIS_BATCH_SIZE", default=8)
@@ -365,6 +367,11 @@ CACHES = {
                             "socket_timeout": env.float("CACHE_SOCKET_TIMEOUT", default=2.0)}}
     if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
 }
+
+# Rendered worklist rows and patient pages, cached under the change stamps of the records they show
+# (patients.pagecache): never stale, so the lifetime only bounds memory. 0 turns the cache off.
+PAGE_CACHE_SECONDS = env.int("PAGE_CACHE_SECONDS", default=3600)
+PAGE_CACHE_ALIAS = "default"
 
 # ---------------------------------------------------------------------------------- security
 # One production switch: HTTPS=true (the site is served over HTTPS, usually behind a proxy that

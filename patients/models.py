@@ -258,3 +258,30 @@ class LesionReview(models.Model):
         except LesionReview.DoesNotExist:
             return True
         return False
+
+
+class DataChange(models.Model):
+    """One committed change to what the clinical pages show, written by database triggers (never by
+    Python): a row of a patient, lesion, image, review or analysis was inserted, updated or deleted
+    (``patient_id`` = that patient), or something every page shows changed -- a model version, a
+    care team's name (``patient_id`` NULL).
+
+    A patient's *stamp* is its newest row's id (``patients.stamps``): it changes whenever a
+    transaction that touched the patient commits, however the change was made (services, the
+    worker's bulk updates, the admin, raw SQL). Pages cache what they render under the stamp, so
+    nothing is ever invalidated by hand and nothing stale can be served (see ``patients.stamps`` for
+    why the ids follow commit order). Old rows are compacted away: only each patient's newest
+    one matters.
+    """
+
+    id = models.BigAutoField(primary_key=True)
+    patient_id = models.BigIntegerField(null=True, help_text="The patient changed; empty: a global change.")
+    txid = models.BigIntegerField(null=True, help_text="The writing transaction (one row per patient and "
+                                                       "transaction on PostgreSQL).")
+
+    class Meta:
+        indexes = [models.Index(fields=["patient_id", "id"], name="datachange_patient_id")]
+        constraints = [models.UniqueConstraint(fields=["patient_id", "txid"], name="datachange_once_per_tx")]
+
+    def __str__(self):
+        return f"change {self.id} of patient {self.patient_id}"

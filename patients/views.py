@@ -11,13 +11,16 @@ from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, Validatio
 from django.core.paginator import Paginator
 from django.db.models import Count, Prefetch, Q
 from django.shortcuts import get_object_or_404, redirect, render
+from django.template.loader import render_to_string
 from django.urls import reverse
-from django.utils import timezone
+from django.utils import timezone, translation
+from django.utils.safestring import mark_safe
+from django.utils.timesince import timesince
 from django.utils.module_loading import import_string
 from django.views.decorators.http import require_http_methods
 
 
-from . import bodymap, selectors, services
+from . import bodymap, pagecache, selectors, services, stamps
 from .forms import ImageUploadForm, LesionForm, PatientCreateForm, PatientForm, ReviewForm, add_service_errors
 from .models import Lesion, LesionImage, LesionReview, Patient
 from .results import is_unreviewed, lesion_results
@@ -65,24 +68,44 @@ def images_in_date_order():
 
 # --- worklist ------------------------------------------------------------------------------------
 
+def _rendering_context() -> tuple:
+    """What rendered dates depend on besides the data: the day (ages), the time zone, the language."""
+    return (timezone.localdate(), timezone.get_current_timezone_name(), translation.get_language())
+
+
 @login_required
 def worklist(request):
     q = request.GET.get("q", "").strip()
     patients = selectors.visible_patients(request.user)
     if q:
         patients = patients.filter(Q(mrn__icontains=q) | Q(name__icontains=q))
-    patients = patients.order_by("-last_activity_at", "-pk")
+    patients = stamps.with_stamps(patients.order_by("-last_activity_at", "-pk"))
     page = Paginator(patients, WORKLIST_PAGE_SIZE).get_page(request.GET.get("page"))
-    today = timezone.localdate()
-    _attach_patient_results(list(page))
-    for p in page:
-        p.age = p.age_on(today)
-        p.url = reverse("patients:patient_detail", args=[p.pk])
-    shown = [p.pk for p in page]
+    rows = list(page)
+    shown = [p.pk for p in rows]
     services.record_list_access(user=request.user, model=Patient, listing="worklist", query=request.GET,
                                 count=page.paginator.count, shown=shown, patients=shown)
+    # Each row is rendered once per change of its patient (patients.pagecache); the results of
+    # the lesions are computed only for the rows that are not cached.
+    now, context = timezone.now(), _rendering_context()
+    keys = {}
+    for p in rows:
+        p.ago = timesince(p.last_activity_at, now)
+        keys[p.pk] = pagecache.patient_key("worklist-row", p, *context, p.last_activity_at.isoformat(), p.ago)
+    html = pagecache.get_many(keys.values())
+    missing = [p for p in rows if keys[p.pk] not in html]
+    if missing:
+        _attach_patient_results(missing)
+        fresh = {}
+        for p in missing:
+            p.age = p.age_on(context[0])
+            p.url = reverse("patients:patient_detail", args=[p.pk])
+            fresh[keys[p.pk]] = render_to_string("patients/_worklist_row.html", {"p": p})
+        pagecache.set_many(fresh)
+        html.update(fresh)
     return render(request, "patients/worklist.html", {
         "page": page,
+        "rows": [mark_safe(html[keys[p.pk]]) for p in rows],
         "q": q,
         "has_any": page.paginator.count > 0 or selectors.visible_patients(request.user).exists(),
     })
@@ -163,24 +186,37 @@ def _lesion_groups(lesions):
     ]
 
 
-@login_required
-def patient_detail(request, pk):
-    patient = get_patient(request, pk)
-    services.record_access(user=request.user, obj=patient)
+def _patient_page_context(patient, today) -> dict:
     lesions = list(patient.lesions.prefetch_related(Prefetch("images", queryset=images_in_date_order())))
     n_images = sum(len(lesion.images.all()) for lesion in lesions)
     results = lesion_results(lesion.pk for lesion in lesions)
     dots = [d for d in (bodymap.dot(lesion, results.get(lesion.pk),
                                     url=reverse("patients:lesion_detail", args=[lesion.pk])) for lesion in lesions) if d]
-    return render(request, "patients/patient_detail.html", {
+    return {
         "body_map_dots": dots,
         "n_unplaced": len(lesions) - len(dots),
         "patient": patient,
-        "age": patient.age_on(timezone.localdate()),
+        "age": patient.age_on(today),
         "lesion_groups": _lesion_groups(lesions),
         "n_lesions": len(lesions),
         "n_images": n_images,
-    })
+    }
+
+
+@login_required
+def patient_detail(request, pk):
+    patient = get_object_or_404(stamps.with_stamps(selectors.visible_patients(request.user)), pk=pk)
+    services.record_access(user=request.user, obj=patient)
+    # The content is the same for every member of the care team until the patient's records (or
+    # a model version) change: rendered once per change stamp (patients.pagecache).
+    context = _rendering_context()
+    key = pagecache.patient_key("patient-page", patient, *context)
+    content = pagecache.get_many([key]).get(key)
+    if content is None:
+        content = render_to_string("patients/_patient_detail_content.html",
+                                   _patient_page_context(patient, context[0]))
+        pagecache.set_many({key: content})
+    return render(request, "patients/patient_detail.html", {"patient": patient, "content": mark_safe(content)})
 
 
 @login_required

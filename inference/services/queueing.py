@@ -170,8 +170,12 @@ def sweep_stale(*, limit: int | None = None) -> dict:
                    .order_by(F("sent_at").asc(nulls_first=True), "requested_at", "pk")
                    .values_list("patient_id", "model_version_id")[:rescore_budget])
     rescores = outbox.send_rescores(pending) if pending else 0
+    # The pages' change stamps keep only each patient's newest row (patients.stamps).
+    from patients import stamps
+
+    compacted = stamps.compact() if stamps.enabled() else 0
     result = {"requeued": sent, "failed": failed, "reclaimed": len(reclaimed), "rescores": rescores,
-              "backlog": backlog}
+              "backlog": backlog, "stamps_compacted": compacted}
     if sent or rescores or reclaimed or failed:
         log.info("sweeper: %s", result)
     return result
