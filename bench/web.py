@@ -12,8 +12,10 @@ What it does, in one run (about a minute and a half with the defaults):
 3. logs ``--clients`` clinicians in through the login page (each client keeps its session cookie)
    and gives as many API clients a token each (the per-user API throttle stays on, its rate raised
    so that it never refuses them);
-4. for each endpoint (worklist, patient page, API lists of patients, lesions, images, analyses) runs
-   the clients in a closed loop for ``--seconds`` after a short warm-up, and prints requests/s,
+4. for each endpoint (worklist, patient page, API lists of patients, lesions, images, analyses)
+   requests every distinct URL once (the steady state of a clinic open for a while: the pages'
+   rendered-HTML cache holds them; ``--cold`` skips this), runs the clients in a closed loop for
+   ``--seconds`` after a short warm-up, and prints requests/s,
    p50/p95/p99 latency and the server's CPU time per request (gunicorn processes, from /proc);
 5. starts a real Celery worker (``--no-busy`` skips this phase), uploads ``--uploads`` images
    through the API and keeps it fed while the same measurements run again; prints how many
@@ -385,6 +387,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=0.7, help="unmeasured seconds before each measurement")
     ap.add_argument("--uploads", type=int, default=20, help="images uploaded at the start of the busy phase")
     ap.add_argument("--no-busy", action="store_true", help="skip the phase with a busy worker")
+    ap.add_argument("--cold", action="store_true",
+                    help="no warm-up pass over every URL: measure first visits (the page cache empty)")
     ap.add_argument("--worker-timeout", type=float, default=300,
                     help="seconds the worker may take to load the model and analyse a first upload")
     ap.add_argument("--gunicorn-config", default=str(ROOT / "deploy" / "gunicorn.conf.py"),
@@ -528,6 +532,12 @@ def _run(args, env, tmp, queue, broker, procs, t_start) -> int:
         out = {}
         for name, (kind, path_of) in endpoints.items():
             clients = page_clients if kind == "page" else api_clients
+            if not args.cold:
+                # Steady state: every distinct URL of the endpoint once before the clock starts, so
+                # the pages' rendered-HTML cache (patients.pagecache) holds what a clinic that has
+                # been open a while holds; --cold measures the first visits instead.
+                for path in dict.fromkeys(path_of(n) for n in range(len(patients))):
+                    clients[0].request("GET", path)
             r = run_load(clients, path_of, seconds=args.seconds, warmup=args.warmup, server_pgid=server.pid)
             out[name] = r
             log(f"{phase:5s} {name:13s} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.0f} ms  p95 {r['p95_ms']:6.0f} ms"

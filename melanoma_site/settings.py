@@ -107,6 +107,12 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {"timeout": 30, "init_command": "PRAGMA journal_mode=WAL;", "transaction_mode": "IMMEDIATE"}
     )
+elif "postgresql" in DATABASES["default"]["ENGINE"] and env.bool("DB_PREPARED_STATEMENTS", default=True):
+    # Server-side parameter binding: psycopg prepares a statement once a connection has run it a
+    # few times, so PostgreSQL plans the pages' queries once per (persistent) connection instead of
+    # on every request -- planning took longer than executing them (bench/web_profile.py).
+    # DB_PREPARED_STATEMENTS=false behind a transaction-pooling proxy that cannot keep them.
+    DATABASES["default"].setdefault("OPTIONS", {}).update({"server_side_binding": True, "prepare_threshold": 3})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
