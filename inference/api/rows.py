@@ -3,6 +3,8 @@
 the threshold, the score's metrics -- is made once per version per response (by the serializers and
 inference.scoring, the definitions) and shared by its rows; tests/test_api_rows.py checks every list
 byte for byte against ``AnalysisSerializer``."""
+from types import SimpleNamespace
+
 from melanoma_site.api.rows import PLACEHOLDER, Shared, datetime_text, optional_float, url_maker
 
 from .. import scoring
@@ -10,6 +12,9 @@ from ..models import Analysis, ModelVersion
 from .serializers import ModelVersionSummarySerializer
 
 DONE = Analysis.Status.DONE.value
+# One serializer for every response: a ModelSerializer builds its fields from the model on first
+# use (half a millisecond per instance), and the summary uses no request or context.
+_SUMMARY = ModelVersionSummarySerializer()
 # What ModelVersionSummarySerializer, scoring.threshold_for and scoring.metrics_for read: the
 # card and the runtime (large, never shown in a list) stay in the database.
 VERSION_FIELDS = ("id", "name", "architecture", "input_size", "metrics", "threshold", "validated", "context_model")
@@ -26,19 +31,19 @@ class AnalysisRows:
                "score_changed_at", "score_change_reason")
 
     def __init__(self, request):
-        self.request = request
         self.heatmap_url = url_maker(request, f"/api/v1/analyses/{PLACEHOLDER}/heatmap/")
 
     def versions(self, ids) -> dict[int, tuple]:
         """{version id: (summary, threshold, metrics of an image score, metrics of a context score)}."""
         out = {}
-        for version in ModelVersion.objects.filter(pk__in=ids).only(*VERSION_FIELDS):
-            summary = ModelVersionSummarySerializer(version, context={"request": self.request}).data
-            # scoring.metrics_for decides by the score's source alone: asked once per source
+        for version in ModelVersion.objects.filter(pk__in=ids).order_by().only(*VERSION_FIELDS):
+            # scoring.metrics_for decides by the score's source alone: asked once per source, about
+            # a stand-in analysis with a score from that source (not a model instance: a costly one)
             image, context = (
-                scoring.metrics_for(Analysis(model_version=version, final_score=0.0, final_score_source=source))
+                scoring.metrics_for(SimpleNamespace(display_score=0.0, score_source=source, model_version=version))
                 for source in ("image", "context"))
-            out[version.pk] = (Shared(summary), scoring.threshold_for(None, version), _shared(image), _shared(context))
+            out[version.pk] = (Shared(_SUMMARY.to_representation(version)), scoring.threshold_for(None, version),
+                               _shared(image), _shared(context))
         return out
 
     def __call__(self, tuples) -> list[dict]:
