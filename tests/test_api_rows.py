@@ -187,3 +187,24 @@ def test_shared_values_are_encoded_once_and_spliced_like_drf_would_write_them():
         data, "application/json; indent=2")
     with pytest.raises(ValueError):  # strict JSON, as DRF: no NaN
         SharedJSONRenderer().render({"results": [{"v": version, "x": float("nan")}]})
+
+
+def test_choice_filters_share_their_vocabulary_between_requests_and_still_validate(clinician, records):
+    """Each filtered request copies its FilterSet; the copies share the (never changed) vocabulary
+    instead of copying hundreds of choices, and still refuse a value outside it."""
+    from django.http import QueryDict
+
+    from patients.api.filters import LesionFilter
+
+    filterset = LesionFilter(QueryDict("anatomic_site=Trunk&diagnosis=Benign"), queryset=Lesion.objects.all())
+    assert filterset.is_valid()
+    for name in ("anatomic_site", "diagnosis"):  # declared, and made from the model field's choices
+        assert filterset.filters[name].extra["choices"] is LesionFilter.base_filters[name].extra["choices"]
+        assert filterset.form.fields[name].choices and filterset.form.fields[name] is not LesionFilter.base_filters[
+            name].field
+    client = APIClient()
+    client.force_authenticate(clinician)
+    wanted = {l.pk for l in records["lesions"][:3] if l.diagnosis == "Benign"}
+    assert {l["id"] for l in client.get(f"{API}/lesions/", {"diagnosis": "Benign"}).json()["results"]} == wanted
+    refused = client.get(f"{API}/lesions/", {"anatomic_site": "Trunk:Nowhere"})
+    assert refused.status_code == 400 and set(refused.json()["errors"]) == {"anatomic_site"}

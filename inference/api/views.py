@@ -7,7 +7,7 @@ from rest_framework.response import Response
 from rest_framework import generics, renderers, viewsets
 from rest_framework.decorators import action
 
-from melanoma_site.api import BooleanFilter, ContractMixin, IdFilter, NumberFilter
+from melanoma_site.api import BooleanFilter, ChoiceFilter, ContractMixin, FilterSet, IdFilter, NumberFilter
 from melanoma_site.api.rows import RowListMixin, shared_json_renderers
 from patients.api.views import ImageRenderer, ListAuditMixin
 from patients.selectors import visible_images
@@ -32,14 +32,14 @@ def visible_analyses(user):
     )
 
 
-class AnalysisFilter(django_filters.FilterSet):
+class AnalysisFilter(FilterSet):
     # Ids are plain numbers filtered inside the visible analyses: another team's id reads exactly like
     # one that does not exist (an empty list), and no form lists records.
     image = IdFilter(field_name="image_id", label="Image id")
     lesion = IdFilter(field_name="image__lesion_id", label="Lesion id")
     patient = IdFilter(field_name="image__lesion__patient_id", label="Patient id")
     model_version = IdFilter(field_name="model_version_id", label="Model version id")
-    status = django_filters.ChoiceFilter(choices=Analysis.Status.choices)
+    status = ChoiceFilter(choices=Analysis.Status.choices)
     flagged = BooleanFilter(
         field_name="is_flagged",
         label="true: the score (final, else image probability) is at or above its operating threshold; "
@@ -63,8 +63,8 @@ class AnalysisFilter(django_filters.FilterSet):
         fields = []
 
 
-class ImageAnalysisFilter(django_filters.FilterSet):
-    status = django_filters.ChoiceFilter(choices=Analysis.Status.choices)
+class ImageAnalysisFilter(FilterSet):
+    status = ChoiceFilter(choices=Analysis.Status.choices)
     model_version = IdFilter(field_name="model_version_id", label="Model version id")
 
     class Meta:
@@ -72,7 +72,7 @@ class ImageAnalysisFilter(django_filters.FilterSet):
         fields = []
 
 
-class ModelVersionFilter(django_filters.FilterSet):
+class ModelVersionFilter(FilterSet):
     is_active = BooleanFilter(field_name="is_active", label="The version new uploads are scored with")
     validated = BooleanFilter(field_name="validated", label="Validated for clinical use")
     architecture = django_filters.CharFilter(field_name="architecture", label="Backbone, e.g. se_resnet50")

@@ -1,6 +1,6 @@
 import django_filters
 
-from melanoma_site.api import IdFilter
+from melanoma_site.api import ChoiceFilter, FilterSet, IdFilter
 
 from ..models import Lesion, LesionImage, Patient
 from ..vocabulary import ANATOMIC_SITE_CHOICES
@@ -9,7 +9,7 @@ from ..vocabulary import ANATOMIC_SITE_CHOICES
 # exactly like one that does not exist (an empty result), never like a "valid choice".
 
 
-class PatientFilter(django_filters.FilterSet):
+class PatientFilter(FilterSet):
     care_team = IdFilter(field_name="care_team_id", label="Care team id")
 
     class Meta:
@@ -17,9 +17,9 @@ class PatientFilter(django_filters.FilterSet):
         fields = ["care_team", "sex", "fitzpatrick_skin_type"]
 
 
-class LesionFilter(django_filters.FilterSet):
+class LesionFilter(FilterSet):
     patient = IdFilter(field_name="patient_id", label="Patient id")
-    anatomic_site = django_filters.ChoiceFilter(choices=ANATOMIC_SITE_CHOICES)
+    anatomic_site = ChoiceFilter(choices=ANATOMIC_SITE_CHOICES)
     anatomic_region = django_filters.CharFilter(
         field_name="anatomic_site", lookup_expr="startswith", label="Top level of the anatomic site, e.g. Trunk"
     )
@@ -29,7 +29,7 @@ class LesionFilter(django_filters.FilterSet):
         fields = ["patient", "anatomic_site", "anatomic_region", "diagnosis"]
 
 
-class LesionImageFilter(django_filters.FilterSet):
+class LesionImageFilter(FilterSet):
     lesion = IdFilter(field_name="lesion_id", label="Lesion id")
     patient = IdFilter(field_name="lesion__patient_id", label="Patient id")
     acquired_on = django_filters.DateFromToRangeFilter(

@@ -20,7 +20,7 @@ from rest_framework import generics, mixins, parsers, renderers, serializers, st
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from melanoma_site.api import ContractMixin, IdFilter
+from melanoma_site.api import ContractMixin, FilterSet, IdFilter
 from melanoma_site.api.rows import RowListMixin
 
 from .. import media, services
@@ -356,7 +356,7 @@ class LesionImagesView(ListAuditMixin, RowListMixin, ServiceErrorsMixin, generic
         return _upload(self, request, lesion=self.get_lesion())
 
 
-class LesionReviewFilter(django_filters.FilterSet):
+class LesionReviewFilter(FilterSet):
     # plain ids filtered inside the visible reviews: a foreign id reads like an unknown one
     lesion = IdFilter(field_name="lesion_id", label="Lesion id")
     patient = IdFilter(field_name="lesion__patient_id", label="Patient id")
