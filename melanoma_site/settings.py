@@ -371,7 +371,10 @@ CACHES = {
                 "KEY_PREFIX": "melanoma",
                 "OPTIONS": {"socket_connect_timeout": env.float("BROKER_CONNECT_TIMEOUT", default=2.0),
                             "socket_timeout": env.float("CACHE_SOCKET_TIMEOUT", default=2.0)}}
-    if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+    # Without Redis: this process' memory (the rendered pages' cache is keyed by change stamps, so a
+    # cache per process is as correct as a shared one; 1,000 entries bound it to some 25 MB).
+    if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                       "OPTIONS": {"MAX_ENTRIES": 1000}},
 }
 
 # Rendered worklist rows and patient pages, cached under the change stamps of the records they show
