@@ -381,6 +381,8 @@ CACHES = {
 # (patients.pagecache): never stale, so the lifetime only bounds memory. 0 turns the cache off.
 PAGE_CACHE_SECONDS = env.int("PAGE_CACHE_SECONDS", default=3600)
 PAGE_CACHE_ALIAS = "default"
+# API list pages are cached only for users who see at most this many patients (their key lists them).
+PAGE_CACHE_MAX_PATIENTS = env.int("PAGE_CACHE_MAX_PATIENTS", default=2000)
 
 # ---------------------------------------------------------------------------------- security
 # One production switch: HTTPS=true (the site is served over HTTPS, usually behind a proxy that

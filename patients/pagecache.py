@@ -1,4 +1,5 @@
-"""Rendered HTML of the clinical pages, cached under the change stamps of what it shows.
+"""Rendered HTML of the clinical pages (and the rows of the API lists), cached under the change
+stamps of what it shows.
 
 A key names everything the fragment depends on: the patient (id and creation time, so a recreated
 database never meets an old entry), its change stamp and the global stamp (``patients.stamps``),
@@ -22,19 +23,27 @@ from pathlib import Path
 from django.conf import settings
 from django.core.cache import caches
 from django.db import connection
+from django.utils import timezone, translation
 
 from . import stamps
 
 _build: str | None = None
 
 
+CODE_PACKAGES = ("patients", "inference", "melanoma_site")  # their Python decides what lists show
+
+
 def build_id() -> str:
-    """A hash of every template file (this process' markup) and the static files' manifest."""
+    """A hash of this process' markup and code: every template, the Python of the apps that make
+    pages and API rows, and the static files' manifest. A deploy never meets an entry of the last."""
     global _build
     if _build is None:
         h = hashlib.sha256()
-        for root in [Path(d) for t in settings.TEMPLATES for d in t.get("DIRS", [])]:
-            for path in sorted(root.rglob("*.html")):
+        base = Path(settings.BASE_DIR)
+        roots = [(Path(d), "*.html") for t in settings.TEMPLATES for d in t.get("DIRS", [])]
+        roots += [(base / package, "*.py") for package in CODE_PACKAGES]
+        for root, pattern in roots:
+            for path in sorted(root.rglob(pattern)):
                 h.update(str(path.relative_to(root)).encode())
                 h.update(path.read_bytes())
         manifest = Path(settings.STATIC_ROOT or "") / "staticfiles.json"
@@ -55,6 +64,40 @@ def patient_key(kind: str, patient, *extra) -> str:
     parts = [kind, build_id(), patient.pk, created, patient.stamp, patient.global_stamp, *extra]
     raw = ":".join(str(p) for p in parts)
     return "page:" + hashlib.blake2b(raw.encode(), digest_size=16).hexdigest()
+
+
+def list_key(request, listing: str) -> str | None:
+    """The key of an API list page for ``request``: the visible patients with their stamps and
+    creation times (who sees what, and what changed: a patient that joins or leaves the user's
+    teams changes it too),
+    the global stamp, the list and its full query, the scheme and host (the rows' absolute URLs),
+    the time zone and language. None when the cache is not used here, the user sees no patient,
+    or more than PAGE_CACHE_MAX_PATIENTS (the key would cost more than it saves)."""
+    if not usable():
+        return None
+    from .selectors import visible_patients
+
+    limit = settings.PAGE_CACHE_MAX_PATIENTS
+    rows = list(stamps.with_stamps(visible_patients(request.user).select_related(None))
+                .order_by("pk").values_list("pk", "stamp", "global_stamp", "created_at")[:limit + 1])
+    if not rows or len(rows) > limit:
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for part in ("api", build_id(), listing, request.get_full_path(), request.build_absolute_uri("/"),
+                 timezone.get_current_timezone_name(), translation.get_language(), rows[0][2]):
+        h.update(f"{part}\x1f".encode())
+    # with each patient's creation time: a recreated database never meets an old entry
+    h.update(",".join(f"{pk}:{stamp}:{created.timestamp()}" for pk, stamp, _, created in rows).encode())
+    return "list:" + h.hexdigest()
+
+
+def get(key):
+    return caches[settings.PAGE_CACHE_ALIAS].get(key) if key and usable() else None
+
+
+def set(key, value) -> None:  # noqa: A001 -- the cache's verb
+    if key and usable():
+        caches[settings.PAGE_CACHE_ALIAS].set(key, value, timeout=settings.PAGE_CACHE_SECONDS)
 
 
 def get_many(keys) -> dict:

@@ -236,3 +236,81 @@ print("ok", s0, s1, s2, s3)
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+# --- API lists -----------------------------------------------------------------------------------
+
+API_LISTS = ["/api/v1/patients/", "/api/v1/lesions/", "/api/v1/images/", "/api/v1/analyses/"]
+
+
+def api_client(username):
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    c = APIClient()
+    token, _ = Token.objects.get_or_create(user=get_user_model().objects.get(username=username))
+    c.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return c
+
+
+@pytest.mark.parametrize("url", API_LISTS)
+def test_a_cached_api_list_is_the_same_json_and_still_audited(url, records, settings):
+    c = api_client("dr_a")
+    fresh = c.get(url)  # fills the cache
+    with CaptureQueriesContext(connection) as hit:
+        cached = c.get(url)
+    assert cached.status_code == 200 and cached.content == fresh.content
+    # the rows came from the cache: no query but the count and the stamps read the list's own table
+    table_of = {"patients": "patients_patient", "lesions": "patients_lesion", "images": "patients_lesionimage",
+                "analyses": "inference_analysis"}[url.rstrip("/").rsplit("/", 1)[1]]
+    reads = [q["sql"] for q in hit.captured_queries if q["sql"].startswith("SELECT") and f'FROM "{table_of}"' in q["sql"]
+             and "COUNT(" not in q["sql"] and "patients_datachange" not in q["sql"]]
+    assert not reads, reads
+    settings.PAGE_CACHE_SECONDS = 0
+    assert c.get(url).content == fresh.content
+    entries = LogEntry.objects.filter(action=LogEntry.Action.ACCESS, object_pk="",
+                                      additional_data__list__startswith="api:").order_by("-pk")[:3]
+    assert len({tuple(e.additional_data["shown"]) for e in entries}) == 1 and len(entries) == 3
+
+
+def test_api_analyses_list_shows_a_score_the_worker_wrote_in_bulk(records):
+    c = api_client("dr_a")
+    assert c.get("/api/v1/analyses/").json()["results"][0]["score"] == pytest.approx(0.12)
+    Analysis.objects.bulk_update([Analysis(pk=records["analysis"].pk, final_score=0.66)], ["final_score"])
+    assert c.get("/api/v1/analyses/").json()["results"][0]["score"] == pytest.approx(0.66)
+
+
+def test_a_patient_moved_to_another_team_leaves_the_cached_lists_at_once(records):
+    c = api_client("dr_a")
+    for url in API_LISTS:
+        assert c.get(url).json()["count"] == 1
+    elsewhere = CareTeamFactory()
+    Patient.objects.filter(pk=records["patient"].pk).update(care_team=elsewhere)
+    for url in API_LISTS:
+        body = c.get(url).json()
+        assert body["count"] == 0 and body["results"] == [], url
+
+
+def test_a_clinician_taken_off_the_team_no_longer_gets_the_cached_lists(records, team):
+    c = api_client("dr_b")
+    assert c.get("/api/v1/analyses/").json()["count"] == 1
+    team.members.remove(team.members.get(username="dr_b"))
+    body = c.get("/api/v1/analyses/").json()
+    assert body["count"] == 0 and body["results"] == []
+
+
+def test_two_teams_never_share_a_cached_list(records, version):
+    other_user = UserFactory(username="dr_other")
+    other_team = CareTeamFactory(members=[other_user])
+    other_patient = PatientFactory(care_team=other_team)
+    mine, theirs = api_client("dr_a").get("/api/v1/patients/").json(), api_client("dr_other").get(
+        "/api/v1/patients/").json()
+    assert [p["id"] for p in mine["results"]] == [records["patient"].pk]
+    assert [p["id"] for p in theirs["results"]] == [other_patient.pk]
+
+
+def test_a_page_past_the_last_is_still_404_with_the_cache(records):
+    c = api_client("dr_a")
+    c.get("/api/v1/analyses/")
+    assert c.get("/api/v1/analyses/?page=9").status_code == 404

@@ -28,6 +28,7 @@ import django_filters
 import django_filters.fields
 from django import forms
 from django.core.exceptions import PermissionDenied
+from django.core.paginator import InvalidPage
 from django.db.models import F
 from django.http import Http404, JsonResponse
 from django.views import defaults
@@ -379,6 +380,24 @@ class Pagination(PageNumberPagination):
 
     def get_page_number(self, request, paginator):
         return self._number(request, self.page_query_param) or 1
+
+    def paginate_lazily(self, queryset, request, view=None):
+        """``paginate_queryset`` without reading the page: the same checks, count and links, but
+        the page's rows stay an unevaluated slice of ``queryset``, so a list whose rows come from
+        the cache (melanoma_site.api.rows) runs the count and no page query."""
+        self.request = request
+        page_size = self.get_page_size(request)
+        if not page_size:
+            return None
+        paginator = self.django_paginator_class(queryset, page_size)
+        page_number = self.get_page_number(request, paginator)
+        try:
+            self.page = paginator.page(page_number)
+        except InvalidPage as exc:
+            raise exceptions.NotFound(self.invalid_page_message.format(page_number=page_number, message=str(exc)))
+        if paginator.num_pages > 1 and self.template is not None:
+            self.display_page_controls = True
+        return self.page.object_list
 
     def get_schema_operation_parameters(self, view):
         return [

@@ -77,15 +77,25 @@ class RowListMixin:
     list_rows = None
 
     def list(self, request, *args, **kwargs):
+        from patients import pagecache
+
         builder_class = self.list_rows
         if builder_class is None:
             return super().list(request, *args, **kwargs)
-        build = builder_class(request)
-        tuples = _Tuples(self.filter_queryset(self.get_queryset()), build.columns)
-        page = self.paginate_queryset(tuples)
+        tuples = _Tuples(self.filter_queryset(self.get_queryset()), builder_class.columns)
+        # the count, the links and a page that does not exist as always; the page's rows unread
+        lazily = getattr(self.paginator, "paginate_lazily", None)
+        page = lazily(tuples, request, view=self) if lazily else self.paginate_queryset(tuples)
+        # The page's rows are built once per change of the visible patients' records (change
+        # stamps, patients.pagecache): a hit runs neither the page query nor the builder.
+        key = pagecache.list_key(request, type(self).__name__)
+        rows = pagecache.get(key)
+        if rows is None:
+            rows = builder_class(request)(page if page is not None else tuples.tuples)
+            pagecache.set(key, rows)
         if page is not None:
-            return self.get_paginated_response(build(page))
-        return Response(build(tuples.tuples))
+            return self.get_paginated_response(rows)
+        return Response(rows)
 
 
 class _Tuples:
