@@ -11,8 +11,13 @@ environment. Chosen by measurement on 2 cores (bench/web.py; README "Performance
 - the application is loaded once before forking (``preload_app``): workers start in a fraction of
   a second and share the imported code; database connections are opened after the fork, one per
   thread, and kept (``CONN_MAX_AGE`` in the settings);
-- workers are recycled after ``WEB_MAX_REQUESTS`` requests (with jitter) to bound memory growth.
+- workers are recycled after ``WEB_MAX_REQUESTS`` requests (with jitter) to bound memory growth;
+- the objects of the preloaded application are frozen out of the garbage collector before the
+  fork (``gc.freeze``): its full collections no longer walk the hundreds of thousands of objects
+  every request leaves alone (about 2 ms of a large API list's request), and forked workers share
+  those pages instead of copying them when the collector would touch them.
 """
+import gc
 import os
 
 bind = os.environ.get("WEB_BIND", "127.0.0.1:8000")
@@ -31,3 +36,7 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = os.environ.get("WEB_ACCESS_LOG") or None
 errorlog = "-"
 loglevel = os.environ.get("WEB_LOG_LEVEL", "info")
+
+
+def pre_fork(server, worker):
+    gc.freeze()

@@ -41,6 +41,20 @@ def _tolerant(name: str, fallback):
 
 
 class _TolerantClient(RedisCacheClient):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._clients: dict = {}
+
+    def get_client(self, key=None, *, write=False):
+        # One redis.Redis per connection pool: Django makes a new one (with its ~170 response
+        # callbacks) for every cache operation, three per API request through the throttle and
+        # the page cache. A client is thread-safe: each command borrows a pooled connection.
+        pool = self._get_connection_pool(write)
+        client = self._clients.get(id(pool))
+        if client is None:
+            client = self._clients[id(pool)] = self._client(connection_pool=pool)
+        return client
+
     add = _tolerant("add", False)
     get = _tolerant("get", lambda key, default: default)
     set = _tolerant("set", None)
