@@ -245,7 +245,8 @@ def _current_analyses_sql(n_ids: int):
     cached = (sql, a_fields, i_fields,
               [converters(f, "a") for f in a_fields], [converters(f, "i") for f in i_fields],
               converters(finished, "a"))
-    _SQL_CACHE[key] = cached
+    if n_ids <= 128:  # the pages' sizes; a long review queue's statement is built each time
+        _SQL_CACHE[key] = cached
     return cached
 
 
