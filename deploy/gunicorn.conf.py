@@ -39,4 +39,5 @@ loglevel = os.environ.get("WEB_LOG_LEVEL", "info")
 
 
 def pre_fork(server, worker):
-    gc.freeze()
+    if os.environ.get("WEB_GC_FREEZE", "true").lower() not in ("0", "false", "no"):
+        gc.freeze()

@@ -14,6 +14,7 @@ A row builder is a class made once per request, ``Builder(request)``, with ``col
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import secrets
 
@@ -87,15 +88,47 @@ class RowListMixin:
         lazily = getattr(self.paginator, "paginate_lazily", None)
         page = lazily(tuples, request, view=self) if lazily else self.paginate_queryset(tuples)
         # The page's rows are built once per change of the visible patients' records (change
-        # stamps, patients.pagecache): a hit runs neither the page query nor the builder.
+        # stamps, patients.pagecache): a hit runs neither the page query nor the builder, and
+        # for JSON (not the browsable API) keeps the rows' encoded text, so nothing is encoded
+        # again either.
         key = pagecache.list_key(request, type(self).__name__)
-        rows = pagecache.get(key)
-        if rows is None:
+        renderer = getattr(request, "accepted_renderer", None)
+        as_text = key is not None and type(renderer) is SharedJSONRenderer and renderer.get_indent(
+            getattr(request, "accepted_media_type", ""), {}) is None
+        if as_text:
+            key += ":json"
+        cached = pagecache.get(key)
+        if cached is not None:
+            rows = PreRendered(*cached) if as_text else cached
+        else:
             rows = builder_class(request)(page if page is not None else tuples.tuples)
-            pagecache.set(key, rows)
+            if as_text:
+                pre = PreRendered.of(rows, renderer)
+                pagecache.set(key, (list(pre), pre.json))
+            else:
+                pagecache.set(key, rows)
         if page is not None:
             return self.get_paginated_response(rows)
         return Response(rows)
+
+
+class PreRendered(list):
+    """A list page's rows whose JSON text is already made (the page cache): the list itself
+    holds what the audit entry needs of each row (``id``, ``patient``); ``json`` is the text of
+    the whole array exactly as the JSON renderer writes it, put in place by
+    :class:`SharedJSONRenderer`."""
+
+    def __init__(self, refs, json: str):
+        super().__init__(refs)
+        self.json = json
+
+    @classmethod
+    def of(cls, rows: list, renderer) -> "PreRendered":
+        empty = renderer.render({"results": []}).decode()
+        full = renderer.render({"results": rows}).decode()
+        head, tail = empty.split("[]", 1)
+        text = full[len(head):len(full) - len(tail)]
+        return cls([{"id": row["id"], "patient": row.get("patient")} for row in rows], text)
 
 
 class _Tuples:
@@ -131,6 +164,11 @@ class SharedJSONRenderer(renderers.JSONRenderer):
     def render(self, data, accepted_media_type=None, renderer_context=None):
         rows = data.get("results") if isinstance(data, dict) else None
         indent = self.get_indent(accepted_media_type, renderer_context or {})
+        if type(rows) is PreRendered and indent is None:
+            # the envelope (count, links) encoded with a marker for the rows, then their text put in
+            marker = f"\x00{secrets.token_hex(8)}:rows"
+            envelope = super().render({**data, "results": marker}, accepted_media_type, renderer_context)
+            return envelope.decode().replace(json.dumps(marker), rows.json, 1).encode()
         if indent is not None or not isinstance(rows, list) or not any(
                 type(value) is Shared for row in rows if isinstance(row, dict) for value in row.values()):
             return super().render(data, accepted_media_type, renderer_context)
@@ -162,3 +200,8 @@ class SharedJSONRenderer(renderers.JSONRenderer):
 def shared_json_renderers() -> list:
     """The default renderers (settings) with DRF's JSONRenderer replaced by SharedJSONRenderer."""
     return [SharedJSONRenderer if r is renderers.JSONRenderer else r for r in api_settings.DEFAULT_RENDERER_CLASSES]
+
+
+# Every list with a row builder answers through SharedJSONRenderer (the same bytes as DRF's
+# JSONRenderer), which also puts a cached page's pre-encoded rows in place.
+RowListMixin.renderer_classes = shared_json_renderers()
