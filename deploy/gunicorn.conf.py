@@ -6,16 +6,23 @@ environment. Chosen by measurement on 2 cores (bench/web.py; README "Performance
 - one worker process per core (``WEB_WORKERS``, default: the CPUs this process may use), so the
   pages' Python work runs in parallel on every core; more processes than cores only add switches;
 - ``gthread`` workers with a few threads each (``WEB_THREADS``, default 4): a thread waiting on
-  PostgreSQL or a slow client leaves the core to another request of the same process, and idle
-  keep-alive connections cost no worker;
+  PostgreSQL or a slow client leaves the core to another request of the same process;
 - the application is loaded once before forking (``preload_app``): workers start in a fraction of
   a second and share the imported code; database connections are opened after the fork, one per
   thread, and kept (``CONN_MAX_AGE`` in the settings);
+- no keep-alive by default (``WEB_KEEPALIVE``, seconds; 0: a connection per request): a kept-alive
+  connection stays with the worker process that accepted it, and when the clients' connections
+  happened to land on one process (it accepted first), that one process -- one core, its GIL --
+  served them all while the other idled: bench/web.py runs came out either fine or at half speed
+  with the same code. A connection per request lets whichever process is free accept the next
+  one (on loopback or behind a proxy on the same host a connection costs a fraction of a
+  millisecond; the browser's keep-alive ends at the proxy);
 - workers are recycled after ``WEB_MAX_REQUESTS`` requests (with jitter) to bound memory growth;
 - the objects of the preloaded application are frozen out of the garbage collector before the
-  fork (``gc.freeze``): its full collections no longer walk the hundreds of thousands of objects
-  every request leaves alone (about 2 ms of a large API list's request), and forked workers share
-  those pages instead of copying them when the collector would touch them.
+  fork (``gc.freeze``; ``WEB_GC_FREEZE=false``: off): its full collections no longer walk the
+  hundreds of thousands of objects every request leaves alone (collections were about 2 ms of a
+  large API list's request in process; under gunicorn the difference was within the machine's
+  noise), and forked workers share those pages instead of copying them when it would touch them.
 """
 import gc
 import os
@@ -25,7 +32,7 @@ workers = int(os.environ.get("WEB_WORKERS") or len(os.sched_getaffinity(0)))
 worker_class = "gthread"
 threads = int(os.environ.get("WEB_THREADS", "4"))
 preload_app = True
-keepalive = int(os.environ.get("WEB_KEEPALIVE", "5"))
+keepalive = int(os.environ.get("WEB_KEEPALIVE", "0"))
 timeout = int(os.environ.get("WEB_TIMEOUT", "60"))
 graceful_timeout = 30
 max_requests = int(os.environ.get("WEB_MAX_REQUESTS", "5000"))
