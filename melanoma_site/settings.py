@@ -329,9 +329,9 @@ ANALYSIS_STALE_SECONDS = env.int("ANALYSIS_STALE_SECONDS", default=300)
 ANALYSIS_MAX_ATTEMPTS = env.int("ANALYSIS_MAX_ATTEMPTS", default=3)
 # At most this many messages per sweep, less those already waiting in the queue (no flood).
 ANALYSIS_SWEEP_LIMIT = env.int("ANALYSIS_SWEEP_LIMIT", default=200)
-# Worker leases: heartbeat interval, and the silence after which a worker on another host is dead.
 # CPU priority of the Celery worker below the web tier's (inference.workers): 0 keeps it equal.
 WORKER_NICE = env.int("WORKER_NICE", default=10)
+# Worker leases: heartbeat interval, and the silence after which a worker on another host is dead.
 WORKER_HEARTBEAT_SECONDS = env.float("WORKER_HEARTBEAT_SECONDS", default=5.0)
 WORKER_LEASE_SECONDS = env.float("WORKER_LEASE_SECONDS", default=60.0)
 ANALYSIS_BATCH_SIZE = env.int("ANALYSIS_BATCH_SIZE", default=8)
@@ -372,9 +372,10 @@ CACHES = {
                 "OPTIONS": {"socket_connect_timeout": env.float("BROKER_CONNECT_TIMEOUT", default=2.0),
                             "socket_timeout": env.float("CACHE_SOCKET_TIMEOUT", default=2.0)}}
     # Without Redis: this process' memory (the rendered pages' cache is keyed by change stamps, so a
-    # cache per process is as correct as a shared one; 1,000 entries bound it to some 25 MB).
+    # cache per process is as correct as a shared one). At most 300 entries: worklist rows ~1 KB,
+    # patient pages ~25 KB, API list pages up to a few hundred KB.
     if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
-                       "OPTIONS": {"MAX_ENTRIES": 1000}},
+                       "OPTIONS": {"MAX_ENTRIES": 300}},
 }
 
 # Rendered worklist rows and patient pages, cached under the change stamps of the records they show

@@ -3,7 +3,7 @@ stamps of what it shows.
 
 A key names everything the fragment depends on: the patient (id and creation time, so a recreated
 database never meets an old entry), its change stamp and the global stamp (``patients.stamps``),
-the day (ages), the build (a hash of the templates, so a deploy never serves old markup) and
+the day (ages), the build (a hash of the templates and code, so a deploy never serves old markup) and
 whatever else the caller passes (e.g. the "2 hours ago" text of a worklist row). A change to the
 records changes a stamp, so the key changes: entries are never invalidated, only left to expire.
 That also makes a per-process cache (LocMemCache, the embedded default) as correct as a shared
@@ -69,10 +69,10 @@ def patient_key(kind: str, patient, *extra) -> str:
 def list_key(request, listing: str) -> str | None:
     """The key of an API list page for ``request``: the visible patients with their stamps and
     creation times (who sees what, and what changed: a patient that joins or leaves the user's
-    teams changes it too),
-    the global stamp, the list and its full query, the scheme and host (the rows' absolute URLs),
-    the time zone and language. None when the cache is not used here, the user sees no patient,
-    or more than PAGE_CACHE_MAX_PATIENTS (the key would cost more than it saves)."""
+    teams changes it too), the global stamp, the list and its full query, the scheme and host (the
+    rows' absolute URLs), the time zone and language. None when the cache is not used here, the
+    user sees no patient, or more than PAGE_CACHE_MAX_PATIENTS (the key would cost more than it
+    saves)."""
     if not usable():
         return None
     from .selectors import visible_patients
