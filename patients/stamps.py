@@ -55,6 +55,22 @@ def install_triggers(schema_editor, name: str, table: str, patient_sql: str | No
             schema_editor.execute(statement)
 
 
+def trigger_migration(triggers):
+    """The migration operation installing (and, reversed, removing) ``triggers``: (name, table,
+    patient SQL or None) as for :func:`install_triggers`."""
+    from django.db import migrations
+
+    def install(apps, schema_editor):
+        for name, table, patient_sql in triggers:
+            install_triggers(schema_editor, name, table, patient_sql)
+
+    def remove(apps, schema_editor):
+        for name, table, _ in triggers:
+            remove_triggers(schema_editor, name, table)
+
+    return migrations.RunPython(install, remove)
+
+
 def remove_triggers(schema_editor, name: str, table: str) -> None:
     vendor = schema_editor.connection.vendor
     if vendor == "postgresql":

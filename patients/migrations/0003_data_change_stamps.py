@@ -2,6 +2,8 @@
 
 from django.db import migrations, models
 
+from patients.stamps import trigger_migration
+
 # Change stamps (patients/stamps.py): triggers on the tables the clinical pages show.
 VIA_LESION = "(SELECT patient_id FROM patients_lesion WHERE id = {row}.lesion_id)"
 TRIGGERS = [
@@ -11,20 +13,6 @@ TRIGGERS = [
     ("lesionreview", "patients_lesionreview", VIA_LESION),
     ("careteam", "patients_careteam", None),  # its name is on every patient page
 ]
-
-
-def install(apps, schema_editor):
-    from patients.stamps import install_triggers
-
-    for name, table, patient_sql in TRIGGERS:
-        install_triggers(schema_editor, name, table, patient_sql)
-
-
-def remove(apps, schema_editor):
-    from patients.stamps import remove_triggers
-
-    for name, table, _ in TRIGGERS:
-        remove_triggers(schema_editor, name, table)
 
 
 class Migration(migrations.Migration):
@@ -46,5 +34,5 @@ class Migration(migrations.Migration):
                 'constraints': [models.UniqueConstraint(fields=('patient_id', 'txid'), name='datachange_once_per_tx')],
             },
         ),
-        migrations.RunPython(install, remove),
+        trigger_migration(TRIGGERS),
     ]
