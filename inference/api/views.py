@@ -8,7 +8,7 @@ from rest_framework import generics, renderers, viewsets
 from rest_framework.decorators import action
 
 from melanoma_site.api import BooleanFilter, ChoiceFilter, ContractMixin, FilterSet, IdFilter, NumberFilter
-from melanoma_site.api.rows import RowListMixin, shared_json_renderers
+from melanoma_site.api.rows import RowListMixin
 from patients.api.views import ImageRenderer, ListAuditMixin
 from patients.selectors import visible_images
 
@@ -96,7 +96,6 @@ class AnalysisViewSet(ListAuditMixin, RowListMixin, ContractMixin, viewsets.Read
 
     serializer_class = AnalysisSerializer
     list_rows = AnalysisRows
-    renderer_classes = shared_json_renderers()
     filterset_class = AnalysisFilter
     ordering_fields = ANALYSIS_ORDERING
     ordering = ["-queued_at"]
@@ -130,7 +129,6 @@ class ImageAnalysesView(ListAuditMixin, RowListMixin, ContractMixin, generics.Li
 
     serializer_class = AnalysisSerializer
     list_rows = AnalysisRows
-    renderer_classes = shared_json_renderers()
     filterset_class = ImageAnalysisFilter
     ordering_fields = ANALYSIS_ORDERING
     ordering = ["-queued_at"]
