@@ -55,7 +55,9 @@ class _TolerantClient(RedisCacheClient):
             client = self._clients[id(pool)] = self._client(connection_pool=pool)
         return client
 
-    add = _tolerant("add", False)
+    # add() is the page cache's "I build it" lock (patients.pagecache.get_or_build): during an
+    # outage every request builds for itself rather than waiting for a value that cannot come.
+    add = _tolerant("add", True)
     get = _tolerant("get", lambda key, default: default)
     set = _tolerant("set", None)
     touch = _tolerant("touch", False)

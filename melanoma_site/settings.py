@@ -382,6 +382,9 @@ CACHES = {
 # (patients.pagecache): never stale, so the lifetime only bounds memory. 0 turns the cache off.
 PAGE_CACHE_SECONDS = env.int("PAGE_CACHE_SECONDS", default=3600)
 PAGE_CACHE_ALIAS = "default"
+# A page or list missing from the cache is built by one request; the others asking for it meanwhile
+# wait up to this many seconds for that value before building it themselves (0: everyone builds).
+PAGE_CACHE_BUILD_WAIT = env.float("PAGE_CACHE_BUILD_WAIT", default=1.0)
 # API list pages are cached only for users who see at most this many patients (their key lists them).
 PAGE_CACHE_MAX_PATIENTS = env.int("PAGE_CACHE_MAX_PATIENTS", default=2000)
 

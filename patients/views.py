@@ -211,11 +211,8 @@ def patient_detail(request, pk):
     # a model version) change: rendered once per change stamp (patients.pagecache).
     context = _rendering_context()
     key = pagecache.patient_key("patient-page", patient, *context)
-    content = pagecache.get_many([key]).get(key)
-    if content is None:
-        content = render_to_string("patients/_patient_detail_content.html",
-                                   _patient_page_context(patient, context[0]))
-        pagecache.set_many({key: content})
+    content = pagecache.get_or_build(key, lambda: render_to_string(
+        "patients/_patient_detail_content.html", _patient_page_context(patient, context[0])))
     return render(request, "patients/patient_detail.html", {"patient": patient, "content": mark_safe(content)})
 
 

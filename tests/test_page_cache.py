@@ -10,6 +10,9 @@ and the cache is not used inside one."""
 import re
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -314,3 +317,96 @@ def test_a_page_past_the_last_is_still_404_with_the_cache(records):
     c = api_client("dr_a")
     c.get("/api/v1/analyses/")
     assert c.get("/api/v1/analyses/?page=9").status_code == 404
+
+
+# --- one build per key (pagecache.get_or_build) ----------------------------------------------------
+
+def _in_threads(n, target):
+    """Run ``target()`` in ``n`` threads started together; their results (each thread its own
+    database connection, closed at the end)."""
+    from django.db import connections
+
+    barrier, results, errors = threading.Barrier(n), [None] * n, []
+
+    def run(i):
+        try:
+            barrier.wait(10)
+            results[i] = target()
+        except Exception as exc:  # noqa: BLE001 -- reported by the caller's assertion
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    return results
+
+
+def test_concurrent_misses_of_one_api_list_build_it_once(records, monkeypatch):
+    from inference.api.rows import AnalysisRows
+
+    builds = []
+    original = AnalysisRows.__call__
+
+    def slow_counting_build(self, tuples):
+        builds.append(1)
+        time.sleep(0.3)  # long enough for every other request to arrive while it builds
+        return original(self, tuples)
+
+    monkeypatch.setattr(AnalysisRows, "__call__", slow_counting_build)
+    Analysis.objects.filter(pk=records["analysis"].pk).update(final_score=0.41)  # a new key for the list
+    user = records["user"]
+    api_client("dr_a")  # the token, made before the threads
+
+    def get():
+        response = api_client(user.username).get("/api/v1/analyses/")
+        return response.status_code, response.content
+
+    answers = _in_threads(8, get)
+    assert len(builds) == 1
+    assert {status for status, _ in answers} == {200}
+    assert len({body for _, body in answers}) == 1 and b'"final_score":0.41' in answers[0][1]
+    assert LogEntry.objects.filter(action=LogEntry.Action.ACCESS,
+                                   additional_data__list="api:analysis-list").count() == 8  # all audited
+
+
+def test_a_failed_build_leaves_no_lock_behind():
+    key = f"page:test-failed-build:{uuid.uuid4()}"  # the cache outlives the test
+
+    def fail():
+        raise RuntimeError("template error")
+
+    with pytest.raises(RuntimeError):
+        pagecache.get_or_build(key, fail)
+    t0 = time.monotonic()
+    assert pagecache.get_or_build(key, lambda: "built") == "built"
+    assert time.monotonic() - t0 < 0.5  # built at once, not after waiting for the failed builder
+
+
+def test_a_request_waits_for_a_builder_at_most_the_set_time_then_builds_itself(settings):
+    from django.core.cache import caches
+
+    settings.PAGE_CACHE_BUILD_WAIT = 0.3
+    key = f"page:test-dead-builder:{uuid.uuid4()}"  # the cache outlives the test
+    caches[settings.PAGE_CACHE_ALIAS].add(key + ":building", 1, timeout=5)  # a builder that died
+    t0 = time.monotonic()
+    assert pagecache.get_or_build(key, lambda: "built here") == "built here"
+    assert 0.3 <= time.monotonic() - t0 < 2
+    assert pagecache.get(key) == "built here"
+
+
+def test_a_waiting_request_gets_the_builders_value():
+    key = f"page:test-shared-build:{uuid.uuid4()}"  # the cache outlives the test
+    calls = []
+
+    def build():
+        calls.append(1)
+        time.sleep(0.3)
+        return f"value {len(calls)}"
+
+    assert _in_threads(5, lambda: pagecache.get_or_build(key, build)) == ["value 1"] * 5
+    assert len(calls) == 1

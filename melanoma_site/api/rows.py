@@ -97,16 +97,19 @@ class RowListMixin:
             getattr(request, "accepted_media_type", ""), {}) is None
         if as_text:
             key += ":json"
-        cached = pagecache.get(key)
-        if cached is not None:
-            rows = PreRendered(*cached) if as_text else cached
-        else:
+
+        def build():
             rows = builder_class(request)(page if page is not None else tuples.tuples)
             if as_text:
                 pre = PreRendered.of(rows, renderer)
-                pagecache.set(key, (list(pre), pre.json))
-            else:
-                pagecache.set(key, rows)
+                return (list(pre), pre.json)
+            return rows
+
+        # built by one request per key, the others wait for it (a change to the records changes
+        # every list's key at once: pagecache.get_or_build)
+        rows = pagecache.get_or_build(key, build)
+        if as_text:
+            rows = PreRendered(*rows)
         if page is not None:
             return self.get_paginated_response(rows)
         return Response(rows)
