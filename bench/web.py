@@ -113,8 +113,20 @@ def recreate_database(url: str, *, drop_only=False) -> None:
 
 
 def process_group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system) of the live processes of a process group, from /proc."""
-    total = 0
+    """CPU seconds (user + system) of a process group, from /proc: its live processes' own time
+    plus the time of the children they have reaped (a gunicorn worker recycled after
+    ``max_requests`` leaves the live set; its time moves to the master's children's time, so
+    nothing is lost or counted twice)."""
+    return sum(_group_stats(pgid).values()) / CLOCK_TICKS
+
+
+def group_pids(pgid: int) -> set[int]:
+    """The live processes of a process group (a new pid during a measurement: a recycled worker)."""
+    return set(_group_stats(pgid))
+
+
+def _group_stats(pgid: int) -> dict[int, int]:
+    out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -124,10 +136,10 @@ def process_group_cpu(pgid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2:].split()
-        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15
+        # fields[0] is field 3 (state): pgrp is field 5, utime 14, stime 15, cutime 16, cstime 17
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
+            out[int(entry)] = sum(int(x) for x in fields[11:15])
+    return out
 
 
 def percentile(sorted_values, q: float) -> float:
@@ -248,10 +260,10 @@ def run_load(clients: list[Client], next_path, *, seconds: float, warmup: float,
         t.start()
     while time.perf_counter() < measure_from:
         time.sleep(0.002)
-    cpu0 = process_group_cpu(server_pgid)
+    cpu0, pids0 = process_group_cpu(server_pgid), group_pids(server_pgid)
     for t in threads:
         t.join()
-    cpu1 = process_group_cpu(server_pgid)
+    cpu1, pids1 = process_group_cpu(server_pgid), group_pids(server_pgid)
     lat = sorted(x for r in results for x in r)
     n = len(lat)
     # The server's CPU from the start of the measured window to the end of the last request: a
@@ -261,6 +273,9 @@ def run_load(clients: list[Client], next_path, *, seconds: float, warmup: float,
         "p50_ms": percentile(lat, 50) * 1000, "p95_ms": percentile(lat, 95) * 1000,
         "p99_ms": percentile(lat, 99) * 1000,
         "server_cpu_ms": (cpu1 - cpu0) * 1000 / n if n else float("nan"),
+        # gunicorn workers started during the window (recycled after max_requests): each one's
+        # first requests, and the moments with one process fewer, are in these percentiles
+        "workers_started": len(pids1 - pids0),
     }
 
 
@@ -542,6 +557,7 @@ def _run(args, env, tmp, queue, broker, procs, t_start) -> int:
             out[name] = r
             log(f"{phase:5s} {name:13s} {r['rps']:7.1f} req/s  p50 {r['p50_ms']:6.0f} ms  p95 {r['p95_ms']:6.0f} ms"
                 f"  p99 {r['p99_ms']:6.0f} ms  server CPU {r['server_cpu_ms']:5.1f} ms/req"
+                + (f"  ({r['workers_started']} worker(s) recycled)" if r["workers_started"] else "")
                 + (f"  ERRORS {r['errors']}" if r["errors"] else ""))
         return out
 
