@@ -3,8 +3,9 @@
 Under gunicorn the application is loaded in the master and forked (``preload_app``); each worker,
 at its start and again whenever it is recycled (``WEB_MAX_REQUESTS``), paid on its first requests
 for importing every view module, the API's renderers and filters, compiling the templates and
-hashing the build for the page cache: 80-290 ms for its first request, 15-20 ms more for the
-first use of each page (measured: a fresh worker's first worklist request against 8 ms warm).
+hashing the build for the page cache: 75-350 ms for its first request (the worklist, 6-9 ms once
+warm), 5-20 ms more for the first use of each other page. Warmed, the first request took 30-60 ms
+(its database connection and session are still its own).
 Done here, at import of the WSGI application, the master does it once and every fork inherits it.
 
 Nothing here touches the database or the cache: connections must not cross a fork.
