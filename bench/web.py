@@ -16,7 +16,8 @@ What it does, in one run (about a minute and a half with the defaults):
    requests every distinct URL once (the steady state of a clinic open for a while: the pages'
    rendered-HTML cache holds them; ``--cold`` skips this), runs the clients in a closed loop for
    ``--seconds`` after a short warm-up, and prints requests/s,
-   p50/p95/p99 latency and the server's CPU time per request (gunicorn processes, from /proc);
+   p50/p95/p99 latency, the server's CPU time per request (gunicorn processes, from /proc, with
+   the workers they reaped) and how many gunicorn workers were recycled during the window;
 5. starts a real Celery worker (``--no-busy`` skips this phase), uploads ``--uploads`` images
    through the API and keeps it fed while the same measurements run again; prints how many
    analyses the worker finished meanwhile and how much CPU it took;
