@@ -121,12 +121,8 @@ def process_group_cpu(pgid: int) -> float:
     return sum(_group_stats(pgid).values()) / CLOCK_TICKS
 
 
-def group_pids(pgid: int) -> set[int]:
-    """The live processes of a process group (a new pid during a measurement: a recycled worker)."""
-    return set(_group_stats(pgid))
-
-
 def _group_stats(pgid: int) -> dict[int, int]:
+    """{pid: CPU ticks of it and its reaped children} of a process group's live processes."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -261,10 +257,10 @@ def run_load(clients: list[Client], next_path, *, seconds: float, warmup: float,
         t.start()
     while time.perf_counter() < measure_from:
         time.sleep(0.002)
-    cpu0, pids0 = process_group_cpu(server_pgid), group_pids(server_pgid)
+    before = _group_stats(server_pgid)
     for t in threads:
         t.join()
-    cpu1, pids1 = process_group_cpu(server_pgid), group_pids(server_pgid)
+    after = _group_stats(server_pgid)
     lat = sorted(x for r in results for x in r)
     n = len(lat)
     # The server's CPU from the start of the measured window to the end of the last request: a
@@ -273,10 +269,10 @@ def run_load(clients: list[Client], next_path, *, seconds: float, warmup: float,
         "requests": n, "errors": sum(errors), "rps": n / (max(ends) - measure_from) if n else 0.0,
         "p50_ms": percentile(lat, 50) * 1000, "p95_ms": percentile(lat, 95) * 1000,
         "p99_ms": percentile(lat, 99) * 1000,
-        "server_cpu_ms": (cpu1 - cpu0) * 1000 / n if n else float("nan"),
+        "server_cpu_ms": (sum(after.values()) - sum(before.values())) * 1000 / CLOCK_TICKS / n if n else float("nan"),
         # gunicorn workers started during the window (recycled after max_requests): each one's
         # first requests, and the moments with one process fewer, are in these percentiles
-        "workers_started": len(pids1 - pids0),
+        "workers_started": len(after.keys() - before.keys()),
     }
 
 
