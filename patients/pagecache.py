@@ -92,15 +92,6 @@ def list_key(request, listing: str) -> str | None:
     return "list:" + h.hexdigest()
 
 
-def get(key):
-    return caches[settings.PAGE_CACHE_ALIAS].get(key) if key and usable() else None
-
-
-def set(key, value) -> None:  # noqa: A001 -- the cache's verb
-    if key and usable():
-        caches[settings.PAGE_CACHE_ALIAS].set(key, value, timeout=settings.PAGE_CACHE_SECONDS)
-
-
 def get_or_build(key, build):
     """The value cached under ``key``, or ``build()``'s, cached -- built by ONE request at a time.
 
@@ -108,8 +99,9 @@ def get_or_build(key, build):
     flight at that moment all miss together: without this, each of twenty clients on the analyses
     list would build the same 372 KB page (11 ms, against 6.5 ms for a hit, in process). At
     bench/web.py's load the difference was within the machine's noise (a worker commits a few times
-    a second); it bounds the cost of a burst of commits to one build per key. The first to miss builds (it holds a short lock entry in the cache, ``cache.add`` being atomic there);
-    the others wait up to ``PAGE_CACHE_BUILD_WAIT`` seconds for its value, polling, and build it
+    a second); it bounds the cost of a burst of commits to one build per key. The first to miss
+    builds (it holds a short lock entry in the cache, ``cache.add`` being atomic there); the others
+    wait up to ``PAGE_CACHE_BUILD_WAIT`` seconds for its value, polling, and build it
     themselves only if it has not come by then (the builder died, or is much slower than that). The
     key names the stamps read before building, so a value found under it is never older than what
     the waiting request would have built."""
