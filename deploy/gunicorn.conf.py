@@ -19,7 +19,7 @@ environment. Chosen by measurement on 2 cores (bench/web.py; README "Performance
   millisecond; the browser's keep-alive ends at the proxy);
 - workers are recycled after ``WEB_MAX_REQUESTS`` requests (with jitter) to bound memory growth;
   loading the application also warms it (``melanoma_site/warm.py``: every view imported, templates
-  compiled), so a recycled worker's first request took 30-60 ms instead of 80-350 ms; with recycles
+  compiled), so a recycled worker's first request took 30-60 ms instead of 75-350 ms; with recycles
   every few seconds (``WEB_MAX_REQUESTS=400``) p99 went from 340-480 ms to 160-230 ms;
 - the objects of the preloaded application are frozen out of the garbage collector before the
   fork (``gc.freeze``; ``WEB_GC_FREEZE=false``: off): its full collections no longer walk the

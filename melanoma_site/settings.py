@@ -382,11 +382,14 @@ CACHES = {
 # (patients.pagecache): never stale, so the lifetime only bounds memory. 0 turns the cache off.
 PAGE_CACHE_SECONDS = env.int("PAGE_CACHE_SECONDS", default=3600)
 PAGE_CACHE_ALIAS = "default"
-# A page or list missing from the cache is built by one request; the others asking for it meanwhile
-# wait up to this many seconds for that value before building it themselves (0: everyone builds).
+# A patient page or API list page missing from the cache is built by one request; the others asking
+# for it meanwhile wait up to this many seconds for that value, then build it themselves (0: all build).
 PAGE_CACHE_BUILD_WAIT = env.float("PAGE_CACHE_BUILD_WAIT", default=1.0)
 # API list pages are cached only for users who see at most this many patients (their key lists them).
 PAGE_CACHE_MAX_PATIENTS = env.int("PAGE_CACHE_MAX_PATIENTS", default=2000)
+# Loading the WSGI application imports every view and compiles the templates (melanoma_site/warm.py):
+# under gunicorn once, in the master, so no worker -- recycled ones too -- pays for it on a request.
+WEB_WARM = env.bool("WEB_WARM", default=True)
 
 # ---------------------------------------------------------------------------------- security
 # One production switch: HTTPS=true (the site is served over HTTPS, usually behind a proxy that
